@@ -1,0 +1,3 @@
+from lightning_moe.cli import main
+
+main()

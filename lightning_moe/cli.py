@@ -1,0 +1,37 @@
+"""The ``lightning-moe`` command: LightningCLI (fit/validate/test/predict) for any of our modules and data."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class MoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--torch_threads", type=int, default=1,
+            help="torch CPU threads; 1 is fastest for the tiny models of the recipes on a shared CPU (0 = torch's "
+            "default).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        threads = self.config[self.subcommand].torch_threads if self.subcommand else self.config.torch_threads
+        if threads < 0:
+            raise ValueError(f"--torch_threads must be >= 0, got {threads}.")
+        if threads:
+            torch.set_num_threads(threads)
+
+
+def main(args: list[str] | None = None) -> None:
+    MoECLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        args=args if args is not None else sys.argv[1:], save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+if __name__ == "__main__":
+    main()

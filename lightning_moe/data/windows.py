@@ -1,0 +1,43 @@
+"""Fixed-length next-token windows over one token stream, shared by the text DataModules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens: inputs are the first ``seq_len``, labels the last."""
+
+    def __init__(self, tokens: Tensor, seq_len: int, domain_ids: Tensor | None = None) -> None:
+        n = (tokens.numel() - 1) // seq_len
+        if n < 1:
+            raise ValueError(
+                f"the token stream has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "use more text or a shorter seq_len."
+            )
+        self.tokens, self.domain_ids, self.seq_len, self.n = tokens, domain_ids, seq_len, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        start = i * self.seq_len
+        chunk = self.tokens[start : start + self.seq_len + 1].long()
+        item = {"tokens": chunk[:-1], "labels": chunk[1:]}
+        if self.domain_ids is not None:
+            item["domain_ids"] = self.domain_ids[start : start + self.seq_len].long()
+        return item
+
+
+def check_loader_args(seq_len: int, batch_size: int, num_workers: int) -> None:
+    from lightning_moe.utils import check_non_negative, check_positive
+
+    check_positive("seq_len", seq_len)
+    check_positive("batch_size", batch_size)
+    check_non_negative("num_workers", num_workers)
+
+
+def split_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

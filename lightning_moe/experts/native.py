@@ -1,0 +1,166 @@
+"""Native dropless experts: token sort, grouped GEMM, fp32 weighting, un-permute.
+
+Legend: T tokens, D model width, F expert width, E experts, K slots per token, N = T*K routed copies.
+
+The recipe is MegaBlocks' grouped dMoE step by step, so both backends give the same numbers:
+flatten the [T, K] expert ids -> stable argsort -> counts per expert -> gather ``x[order // K]`` ->
+per-expert ``act(x @ w1[e].T) @ w2[e]`` (GLU: ``act(x @ w1.T) * (x @ v1.T) @ w2``) -> multiply by the slot
+weight in fp32 -> un-permute to [T, K, D] -> sum over K.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.gating.base import Routing
+from lightning_moe.utils import check_choice, check_positive
+
+Activation = Literal["swiglu", "gelu"]
+Backend = Literal["native", "megablocks"]
+ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
+BACKENDS: tuple[str, ...] = ("native", "megablocks")
+
+
+def gelu(x: Tensor) -> Tensor:
+    # tanh approximation: MegaBlocks' default activation, kept so the two backends agree to rounding.
+    return F.gelu(x, approximate="tanh")
+
+
+class ExpertWeights(nn.Module):
+    """``w1``, ``w2`` (and ``v1`` for GLU) as ``[E*F, D]``: MegaBlocks' grouped dMoE layout and names."""
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, glu: bool) -> None:
+        super().__init__()
+        self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts * d_ff, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts * d_ff, d_model))
+        self.v1 = nn.Parameter(torch.empty(num_experts * d_ff, d_model)) if glu else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each expert is an independent FFN: fan-in D for w1/v1 and F for w2, as a dense FFN of that width.
+        nn.init.normal_(self.w1, std=self.d_model**-0.5)
+        nn.init.normal_(self.w2, std=self.d_ff**-0.5)
+        if self.v1 is not None:
+            nn.init.normal_(self.v1, std=self.d_model**-0.5)
+
+    def per_expert(self, name: str) -> Tensor:
+        """A weight viewed as ``[E, F, D]``."""
+        return getattr(self, name).view(self.num_experts, self.d_ff, self.d_model)
+
+
+def _contiguous_grad(t: Tensor) -> Tensor:
+    # grouped_mm's backward rejects expanded (stride-0) gradients, e.g. from a plain ``y.sum().backward()``.
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def _grouped_mm_ok(x: Tensor, d_ff: int) -> bool:
+    """Whether ``grouped_mm`` can take these operands; the per-expert loop handles every other case."""
+    if not hasattr(F, "grouped_mm"):  # torch < 2.9
+        return False
+    # Operand strides must be multiples of 16 bytes: D and F divisible by 4 in fp32, by 8 in bf16.
+    align = 16 // x.element_size()
+    if x.shape[-1] % align or d_ff % align:
+        return False
+    if x.device.type == "cuda":
+        # CUDA kernels exist for bf16 on Hopper and newer.
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Under autocast (bf16-mixed) the expert GEMMs run in the autocast dtype, like nn.Linear would.
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class Experts(nn.Module):
+    """E dropless expert FFNs applied to routed tokens.
+
+    Args:
+        d_model: model width D.
+        d_ff: width F of each expert.
+        num_experts: E.
+        activation: ``swiglu`` (GLU with SiLU, adds ``v1``) or ``gelu`` (tanh-approximate GELU MLP).
+        backend: ``native`` (grouped GEMM with a per-expert loop fallback) or ``megablocks`` (CUDA only).
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, num_experts: int, activation: Activation = "swiglu", backend: Backend = "native"
+    ) -> None:
+        super().__init__()
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("backend", backend, BACKENDS)
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            check_positive(name, value)
+        if backend == "megablocks":
+            raise NotImplementedError(
+                "backend='megablocks' is not available in this release; use backend='native' (same numbers)."
+            )
+        self.activation, self.backend = activation, backend
+        self.mlp = ExpertWeights(d_model, d_ff, num_experts, glu=activation == "swiglu")
+
+    @property
+    def num_experts(self) -> int:
+        return self.mlp.num_experts
+
+    def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        T, D = x_TD.shape
+        K = routing.experts_TK.shape[1]
+        flat_N = routing.experts_TK.reshape(-1)
+        # Stable sort keeps each expert's tokens in token order: the same row order as MegaBlocks, hence the
+        # same floating-point summation order inside each expert GEMM.
+        order_N = torch.argsort(flat_N, stable=True)
+        counts_E = torch.bincount(flat_N, minlength=self.num_experts)
+        dtype = _compute_dtype(x_TD)
+        x_ND = x_TD[order_N // K].to(dtype)
+        if _grouped_mm_ok(x_ND, self.mlp.d_ff):
+            y_ND = self._grouped(x_ND, counts_E)
+        else:
+            y_ND = self._loop(x_ND, counts_E)
+        # Weight in fp32 then cast: bf16 products of two small numbers lose the router's gradient signal.
+        w_N = routing.weights_TK.reshape(-1)[order_N]
+        y_ND = (y_ND.float() * w_N.float().unsqueeze(-1)).to(dtype)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        return y_ND[inverse_N].view(T, K, D).sum(dim=1)
+
+    def _act(self, h1: Tensor, v: Tensor | None) -> Tensor:
+        return F.silu(h1) * v if v is not None else gelu(h1)
+
+    def _grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        dtype = x_ND.dtype
+
+        def mm(a: Tensor, name: str, transpose: bool) -> Tensor:
+            w_EFD = self.mlp.per_expert(name).to(dtype)
+            return _contiguous_grad(F.grouped_mm(a, w_EFD.transpose(-2, -1) if transpose else w_EFD, offs=offs_E))
+
+        v = mm(x_ND, "v1", True) if self.mlp.v1 is not None else None
+        h_NF = self._act(mm(x_ND, "w1", True), v)
+        return mm(h_NF, "w2", False)
+
+    def _loop(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        dtype = x_ND.dtype
+        w1, w2 = self.mlp.per_expert("w1").to(dtype), self.mlp.per_expert("w2").to(dtype)
+        v1 = self.mlp.per_expert("v1").to(dtype) if self.mlp.v1 is not None else None
+        outs = []
+        for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist())):
+            if x_nD.shape[0] == 0:
+                continue
+            h = self._act(x_nD @ w1[e].T, x_nD @ v1[e].T if v1 is not None else None)
+            outs.append(h @ w2[e])
+        return torch.cat(outs) if outs else x_ND.new_zeros(x_ND.shape)
+
+    def extra_repr(self) -> str:
+        m = self.mlp
+        return f"d_model={m.d_model}, d_ff={m.d_ff}, num_experts={m.num_experts}, activation={self.activation!r}"
+

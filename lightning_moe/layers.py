@@ -1,0 +1,134 @@
+"""``MoELayer`` = a swappable router + dropless experts (+ an optional shared expert).
+
+Legend: B batch, S sequence, T = B*S tokens, D model width, E experts, K selected slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.experts.native import Activation, Backend, Experts, gelu
+from lightning_moe.gating.base import Router, Routing
+from lightning_moe.gating.softmax_topk import SoftmaxTopK
+from lightning_moe.utils import check_non_negative, check_positive
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN with the same activation conventions as the experts (used for the shared expert and dense
+    layers)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: Activation = "swiglu") -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.v1 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w1(x)
+        h = F.silu(h) * self.v1(x) if self.v1 is not None else gelu(h)
+        return self.w2(h)
+
+
+class MoELayer(nn.Module):
+    """A dropless Mixture-of-Experts FFN.
+
+    Takes ``x`` of shape ``[..., d_model]`` and returns the same shape. A 3-D (or higher) input is read as
+    ``[batch..., sequence, d_model]``; a 2-D input as one sequence of tokens (only temporal routers care).
+
+    After each forward, ``routing`` holds the last :class:`Routing` and ``aux_losses`` the router's weighted
+    auxiliary losses for that pass; add ``layer.aux_loss`` to your training loss.
+
+    Args:
+        d_model: model width D.
+        d_ff: width F of each expert.
+        num_experts: number of routed experts E.
+        top_k: experts per token K (<= E).
+        router: gating strategy; default :class:`SoftmaxTopK` with Switch load balancing and z-loss. The layer
+            binds it to its dimensions, so pass a fresh instance per layer.
+        activation: ``swiglu`` or ``gelu``.
+        backend: ``native`` (any device) or ``megablocks`` (CUDA with MegaBlocks installed).
+        shared_d_ff: width of an always-on shared expert; 0 = none.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int = 2,
+        router: Router | None = None,
+        activation: Activation = "swiglu",
+        backend: Backend = "native",
+        shared_d_ff: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
+            check_positive(name, value)
+        check_non_negative("shared_d_ff", shared_d_ff)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}; choose top_k <= num_experts.")
+        if router is not None and not isinstance(router, Router):
+            raise TypeError(f"router must be a lightning_moe Router, got {type(router).__name__}.")
+        self.d_model = d_model
+        self.router = router if router is not None else SoftmaxTopK()
+        self.router.bind(d_model, num_experts, top_k)
+        self.experts = Experts(d_model, d_ff, num_experts, activation, backend)
+        self.shared_expert = DenseFFN(d_model, shared_d_ff, activation) if shared_d_ff > 0 else None
+        self.name = "MoELayer"  # set to the module path by models, so errors say which layer failed
+        self.routing: Routing | None = None
+        self.aux_losses: dict[str, Tensor] = {}
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of the weighted auxiliary losses of the last forward (0 when there are none)."""
+        if not self.aux_losses:
+            return torch.zeros((), device=self.experts.mlp.w1.device)
+        return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: input dtype must be floating point, got {x.dtype}; embed token ids first.")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{self.name}: last dimension of the input must be d_model={self.d_model}, got shape "
+                f"{tuple(x.shape)}; project the input to d_model first."
+            )
+        if x.numel() == 0:
+            raise ValueError(f"{self.name}: empty input of shape {tuple(x.shape)}; pass at least one token.")
+        x_BSD = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, self.d_model)
+        x_TD = x_BSD.reshape(-1, self.d_model)
+        routing = self.router(x_BSD)
+        if not torch.isfinite(routing.scores_TE).all():
+            raise ValueError(
+                f"{self.name}: non-finite router scores (NaN/inf in the layer input or router weights); "
+                "lower the learning rate, add gradient clipping, or check the data."
+            )
+        if self.training:
+            with torch.no_grad():
+                self.router.observe(x_TD.detach(), routing)
+        self.routing, self.aux_losses = routing, routing.aux_losses
+        y_TD = self.experts(x_TD, routing)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        return y_TD.view(x.shape)
+
+
+def moe_layers(module: nn.Module) -> list[MoELayer]:
+    return [m for m in module.modules() if isinstance(m, MoELayer)]
+
+
+def update_router_states(module: nn.Module) -> None:
+    """Apply every stateful router's accumulated statistics: call once per optimizer step."""
+    for m in module.modules():
+        if isinstance(m, Router):
+            m.update_state()
+
+
+def total_aux_loss(module: nn.Module) -> Tensor | None:
+    """Sum of all MoE layers' auxiliary losses from their last forward, or None if the module has no MoE layer."""
+    layers = moe_layers(module)
+    return torch.stack([layer.aux_loss for layer in layers]).sum() if layers else None

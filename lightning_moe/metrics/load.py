@@ -1,0 +1,61 @@
+"""Expert load metrics (baselines spec §4.10).
+
+Legend: T tokens, K slots per token, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def load_stats(counts_E: Tensor) -> dict[str, Tensor]:
+    """Imbalance statistics of per-expert assignment counts.
+
+    * ``cv``: population std / mean of the loads (0 = perfect balance).
+    * ``max_over_mean`` = max / mean load; ``maxvio`` = max / mean - 1 (Wang et al. 2024, mean = K*T/E).
+    * ``entropy``: H(load shares) / log E in [0, 1] (1 when E = 1).
+    * ``dead_experts``: experts with no assignment.
+    """
+    loads = counts_E.double()
+    E = loads.numel()
+    mean = loads.mean()
+    if mean <= 0:
+        raise ValueError("no routed tokens were counted; update the metric with at least one routing decision.")
+    shares = loads / loads.sum()
+    nz = shares[shares > 0]
+    entropy = -(nz * nz.log()).sum() / math.log(E) if E > 1 else torch.ones((), dtype=torch.float64)
+    return {
+        "cv": loads.std(correction=0) / mean,
+        "max_over_mean": loads.max() / mean,
+        "maxvio": loads.max() / mean - 1,
+        "entropy": entropy,
+        "dead_experts": (loads == 0).sum().double(),
+    }
+
+
+class ExpertLoad(Metric):
+    """Per-expert assignment counts of one layer, accumulated over batches (e.g. a whole validation set).
+
+    ``update(experts_TK)`` counts every (token, slot) assignment; ``compute()`` returns :func:`load_stats`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_experts: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+        self.num_experts = num_experts
+        self.add_state("counts_E", default=torch.zeros(num_experts, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, experts_TK: Tensor) -> None:
+        if experts_TK.numel() and int(experts_TK.max()) >= self.num_experts:
+            raise ValueError(f"expert id {int(experts_TK.max())} out of range for num_experts={self.num_experts}.")
+        self.counts_E += torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(self.counts_E)
+
+    def compute(self) -> dict[str, Tensor]:
+        return load_stats(self.counts_E)

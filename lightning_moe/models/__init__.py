@@ -1,0 +1,3 @@
+from lightning_moe.models.transformer import MoETransformer
+
+__all__ = ["MoETransformer"]

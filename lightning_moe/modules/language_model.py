@@ -1,0 +1,162 @@
+"""LightningModule for MoE language models: cross-entropy + the layers' auxiliary losses, AdamW, warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.experts.native import Activation, Backend
+from lightning_moe.gating.base import Router
+from lightning_moe.layers import moe_layers, update_router_states
+from lightning_moe.metrics.load import ExpertLoad, load_stats
+from lightning_moe.models.transformer import MoETransformer
+from lightning_moe.utils import check_non_negative, check_positive
+
+LN2 = math.log(2)
+
+
+class MoELanguageModel(pl.LightningModule):
+    """Trains :class:`MoETransformer` on batches ``{"tokens", "labels"}``.
+
+    Logs ``train/loss`` (total), ``train/ce``, ``train/bits_per_token``, ``train/aux/<name>`` (summed over layers),
+    ``train/maxvio_batch`` (mean over layers); at validation ``val/loss``, ``val/bits_per_token`` and, from the
+    whole validation set's expert counts (mean over layers), ``val/cv``, ``val/maxvio_global``,
+    ``val/load_entropy`` and ``val/dead_experts`` (total over layers). With byte-level data, bits per token is
+    bits per byte.
+
+    Model args are those of :class:`MoETransformer`; optimiser args:
+
+    Args:
+        lr: peak AdamW learning rate.
+        weight_decay: decoupled weight decay on matrices (norms and embeddings are not decayed).
+        warmup_steps: linear warmup steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 256,
+        num_experts: int = 8,
+        top_k: int = 2,
+        moe_every: int = 1,
+        router: Router | None = None,
+        activation: Activation = "swiglu",
+        backend: Backend = "native",
+        shared_d_ff: int = 0,
+        max_seq_len: int = 512,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        check_positive("lr", lr)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("warmup_steps", warmup_steps)
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}.")
+        with warnings.catch_warnings():
+            # The router prototype is a tiny unbound module; keeping it in hparams lets load_from_checkpoint
+            # rebuild the same gating strategy.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        self.model = MoETransformer(
+            vocab_size, d_model, n_layers, n_heads, d_ff, num_experts, top_k, moe_every, router,
+            activation, backend, shared_d_ff, max_seq_len,
+        )
+        self.val_load = nn.ModuleList(ExpertLoad(num_experts) for _ in moe_layers(self.model))
+
+    def setup(self, stage: str) -> None:
+        data_vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
+        if data_vocab is not None and data_vocab != self.hparams.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.hparams.vocab_size} but the data's vocab_size is {data_vocab}; "
+                f"set model.init_args.vocab_size: {data_vocab}."
+            )
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        return self.model(tokens_BS)
+
+    def _ce(self, batch: dict[str, Tensor]) -> Tensor:
+        for key in ("tokens", "labels"):
+            if key not in batch:
+                raise ValueError(f"batch is missing {key!r}; a language-model batch needs 'tokens' and 'labels'.")
+        logits = self.model(batch["tokens"])
+        # fp32 cross-entropy: a bf16 log-softmax over the vocabulary is off by ~1e-2 nats.
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        ce = self._ce(batch)
+        layers = moe_layers(self.model)
+        aux: dict[str, Tensor] = {}
+        for layer in layers:
+            for name, value in layer.aux_losses.items():
+                aux[name] = aux.get(name, 0) + value.float()
+        loss = ce + sum(aux.values()) if aux else ce
+        logs = {"train/loss": loss, "train/ce": ce, "train/bits_per_token": ce / LN2}
+        logs.update({f"train/aux/{k}": v for k, v in aux.items()})
+        if layers:
+            maxvio = [
+                load_stats(torch.bincount(layer.routing.experts_TK.flatten(), minlength=layer.experts.num_experts))[
+                    "maxvio"
+                ]
+                for layer in layers
+            ]
+            logs["train/maxvio_batch"] = torch.stack(maxvio).mean().float()
+        self.log_dict(logs, prog_bar=False, batch_size=batch["tokens"].shape[0])
+        self.log("loss", ce, prog_bar=True, logger=False, batch_size=batch["tokens"].shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Stateful routers (bias balancing, centroids, precision) update exactly once per optimizer step,
+        # after all gradient-accumulation micro-batches have been observed.
+        update_router_states(self.model)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        ce = self._ce(batch)
+        bs = batch["tokens"].shape[0]
+        self.log_dict({"val/loss": ce, "val/bits_per_token": ce / LN2}, batch_size=bs, sync_dist=True)
+        for metric, layer in zip(self.val_load, moe_layers(self.model)):
+            metric.update(layer.routing.experts_TK)
+
+    def on_validation_epoch_end(self) -> None:
+        if not len(self.val_load):
+            return
+        stats = [m.compute() for m in self.val_load]
+        mean = {k: torch.stack([s[k] for s in stats]).mean().float() for k in ("cv", "maxvio", "entropy")}
+        self.log_dict({
+            "val/cv": mean["cv"],
+            "val/maxvio_global": mean["maxvio"],
+            "val/load_entropy": mean["entropy"],
+            "val/dead_experts": torch.stack([s["dead_experts"] for s in stats]).sum().float(),
+        })
+        for m in self.val_load:
+            m.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
