@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_moe.experts.native import Activation, Backend, Experts, gelu
 from lightning_moe.gating.base import Router, Routing
 from lightning_moe.gating.softmax_topk import SoftmaxTopK
-from lightning_moe.utils import check_non_negative, check_positive
+from lightning_moe.utils import check_non_negative, check_positive_int
 
 
 class DenseFFN(nn.Module):
@@ -65,7 +65,7 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
-            check_positive(name, value)
+            check_positive_int(name, value)
         check_non_negative("shared_d_ff", shared_d_ff)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}; choose top_k <= num_experts.")

@@ -12,6 +12,12 @@ def check_positive(name: str, value: int | float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
 
 
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+    check_positive(name, value)
+
+
 def check_non_negative(name: str, value: int | float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.gating.base import Routing
-from lightning_moe.utils import check_choice, check_positive
+from lightning_moe.utils import check_choice, check_positive_int
 
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["native", "megablocks"]
@@ -100,7 +100,7 @@ class Experts(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("backend", backend, BACKENDS)
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
-            check_positive(name, value)
+            check_positive_int(name, value)
         if backend == "megablocks":
             raise NotImplementedError(
                 "backend='megablocks' is not available in this release; use backend='native' (same numbers)."

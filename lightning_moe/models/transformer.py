@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
 from lightning_moe.layers import DenseFFN, MoELayer
-from lightning_moe.utils import check_positive
+from lightning_moe.utils import check_positive_int
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,7 +96,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
                             ("n_heads", n_heads), ("moe_every", moe_every), ("max_seq_len", max_seq_len)):
-            check_positive(name, value)
+            check_positive_int(name, value)
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(
                 f"d_model={d_model} must split into n_heads={n_heads} heads of even width (rotary embeddings); "
