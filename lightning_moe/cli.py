@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
@@ -25,10 +26,25 @@ class MoECLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
+# Commands that are not LightningCLI subcommands: first word -> "module:function" taking the remaining arguments and
+# returning an exit status. Imported only when used, so `fit` never pays for them.
+COMMANDS: dict[str, str] = {
+    "study": "lightning_moe.studies.cli:main",
+    "params": "lightning_moe.params:main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
+    args = list(args if args is not None else sys.argv[1:])
+    if args and args[0] in COMMANDS:
+        module, _, function = COMMANDS[args[0]].partition(":")
+        status = getattr(importlib.import_module(module), function)(args[1:])
+        if status:
+            raise SystemExit(status)
+        return
     MoECLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:], save_config_kwargs={"overwrite": True},
+        args=args, save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
 

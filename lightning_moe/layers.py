@@ -128,6 +128,28 @@ def update_router_states(module: nn.Module) -> None:
             m.update_state()
 
 
+def feed_back_errors(module: nn.Module, error_BS: Tensor) -> None:
+    """Hand the per-token error of the last training forward to every router that learns from it.
+
+    Call once per training forward, after the loss is known, with the unreduced per-token loss shaped like the
+    tokens (e.g. ``F.cross_entropy(..., reduction="none")`` viewed as ``[B, S]``). Routers declare their interest
+    with ``wants_token_errors`` (precision gating does); the others are skipped, so this is free without them.
+    """
+    layers = [layer for layer in moe_layers(module) if layer.router.wants_token_errors]
+    error_T = error_BS.detach().reshape(-1)
+    with torch.no_grad():
+        for layer in layers:
+            if layer.routing is None:
+                raise ValueError(f"{layer.name}: feed_back_errors was called before any forward; run the model first.")
+            T = layer.routing.experts_TK.shape[0]
+            if error_T.numel() != T:
+                raise ValueError(
+                    f"{layer.name}: got {error_T.numel()} per-token errors for {T} routed tokens; pass the "
+                    "unreduced loss of the last forward, one value per token (reduction='none')."
+                )
+            layer.router.observe_errors(error_T, layer.routing)
+
+
 def total_aux_loss(module: nn.Module) -> Tensor | None:
     """Sum of all MoE layers' auxiliary losses from their last forward, or None if the module has no MoE layer."""
     layers = moe_layers(module)

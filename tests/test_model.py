@@ -74,3 +74,20 @@ def test_fit_logs_loss_bits_and_load_balance(tmp_path):
             "train/maxvio_batch", "val/loss", "val/bits_per_token", "val/cv", "val/maxvio_global",
             "val/load_entropy", "val/dead_experts"} <= set(m)
     torch.testing.assert_close(m["val/bits_per_token"], m["val/loss"] / torch.log(torch.tensor(2.0)))
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_router(tmp_path):
+    from lightning_moe.gating import SigmoidTopK
+
+    module = MoELanguageModel(**TINY, router=SigmoidTopK(bias_update_rate=0.01))
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=TinyLMData())
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    raw = torch.load(ckpt, weights_only=True)  # no pickled modules in the checkpoint
+    assert raw["hyper_parameters"]["router"]["class_path"] == "lightning_moe.gating.loss_free.SigmoidTopK"
+    loaded = MoELanguageModel.load_from_checkpoint(ckpt)
+    router = moe_layers(loaded.model)[0].router
+    assert isinstance(router, SigmoidTopK) and router.bias_update_rate == 0.01
+    for (name, a), b in zip(module.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,5 +1,23 @@
-"""Lightning callbacks: result tables and routing monitors."""
+"""Lightning callbacks: routing monitors built on :mod:`lightning_moe.metrics`, router-state updates at the
+optimizer step, and result tables.
 
+The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
+"""
+
+from lightning_moe.callbacks.geometry import RouterGeometryMonitor
+from lightning_moe.callbacks.load import LoadBalanceMonitor
+from lightning_moe.callbacks.monitor import RoutingMonitor
 from lightning_moe.callbacks.results import ResultTable
+from lightning_moe.callbacks.router_state import RouterStateUpdate
+from lightning_moe.callbacks.specialization import SpecializationMonitor
+from lightning_moe.callbacks.transitions import TransitionMonitor
 
-__all__ = ["ResultTable"]
+__all__ = [
+    "LoadBalanceMonitor",
+    "ResultTable",
+    "RouterGeometryMonitor",
+    "RouterStateUpdate",
+    "RoutingMonitor",
+    "SpecializationMonitor",
+    "TransitionMonitor",
+]

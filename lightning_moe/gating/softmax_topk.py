@@ -16,6 +16,11 @@ from lightning_moe.utils import check_non_negative
 class SoftmaxTopK(Router):
     """Linear gate, softmax in fp32, top-k selection.
 
+    The classic token-choice routers are configurations of this one class (K is the layer's ``top_k``):
+    Switch Transformer = K=1 with ``load_balancing_weight=0.01`` (plus ``jitter=0.01`` for its input noise);
+    GShard-style top-2 = K=2, ``normalize_weights=True`` and the load-balancing loss (dropless: no capacity and
+    no random second-expert dispatch); Mixtral = K=2 renormalised; ST-MoE adds ``z_loss_weight=0.001``.
+
     Args:
         normalize_weights: renormalise the K selected probabilities to sum to 1 (Mixtral); otherwise the raw
             probabilities mix the experts (Switch, K=1).
@@ -53,13 +58,19 @@ class SoftmaxTopK(Router):
         return self.layer(x_TD)
 
     def forward(self, x_BSD: Tensor) -> Routing:
-        logits_TE = self.logits(x_BSD.reshape(-1, x_BSD.shape[-1]))
+        return self.route(self.logits(x_BSD.reshape(-1, x_BSD.shape[-1])))
+
+    def route(self, logits_TE: Tensor, extra_losses: dict[str, Tensor] | None = None) -> Routing:
+        """Softmax, top-k and the configured aux losses (plus ``extra_losses``) for already-computed logits;
+        routers that only change how the logits are made (:class:`TransitionRouter`) reuse this."""
         # Softmax in fp32: in bf16 the probabilities of a 64-expert router lose most of their mantissa.
         scores_TE = torch.softmax(logits_TE.float(), dim=-1)
         weights_TK, experts_TK = torch.topk(scores_TE, self.top_k, dim=-1)
         if self.normalize_weights and self.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(experts_TK, weights_TK, scores_TE, logits_TE, self.aux_losses(scores_TE, experts_TK, logits_TE))
+        losses = self.aux_losses(scores_TE, experts_TK, logits_TE)
+        losses.update(extra_losses or {})
+        return Routing(experts_TK, weights_TK, scores_TE, logits_TE, losses)
 
     def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, logits_TE: Tensor) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}

@@ -1,5 +1,32 @@
-"""torchmetrics metrics over routing decisions (sum-reduced states, so DDP sync is exact)."""
+"""torchmetrics metrics over routing decisions: load, specialisation, router geometry, transitions.
 
+Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP synchronisation is exact.
+"""
+
+from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
 from lightning_moe.metrics.load import ExpertLoad, load_stats
+from lightning_moe.metrics.specialization import (
+    LabelSpecialization,
+    TokenSpecialization,
+    conditional_entropy_C,
+    share_matrix_CE,
+    specialization_stats,
+)
+from lightning_moe.metrics.transitions import TransitionRouting, experts_for_coverage, mass_coverage_T
 
-__all__ = ["ExpertLoad", "load_stats"]
+__all__ = [
+    "ExpertLoad",
+    "LabelSpecialization",
+    "ScoreActivationCoupling",
+    "TokenSpecialization",
+    "TransitionRouting",
+    "conditional_entropy_C",
+    "experts_for_coverage",
+    "load_stats",
+    "mass_coverage_T",
+    "rankdata",
+    "router_geometry",
+    "share_matrix_CE",
+    "spearman",
+    "specialization_stats",
+]

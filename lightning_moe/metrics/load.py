@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_moe.metrics.common import check_ids
+
 
 def load_stats(counts_E: Tensor) -> dict[str, Tensor]:
     """Imbalance statistics of per-expert assignment counts.
@@ -40,7 +42,10 @@ def load_stats(counts_E: Tensor) -> dict[str, Tensor]:
 class ExpertLoad(Metric):
     """Per-expert assignment counts of one layer, accumulated over batches (e.g. a whole validation set).
 
-    ``update(experts_TK)`` counts every (token, slot) assignment; ``compute()`` returns :func:`load_stats`.
+    ``update(experts_TK)`` counts every (token, slot) assignment of one batch; ``compute()`` returns
+    :func:`load_stats` of the summed counts (``maxvio`` over all batches = MaxVio_global on a validation set)
+    plus ``maxvio_batch``: the MaxVio of each update's own counts, averaged over updates (MaxVio_batch of Wang et
+    al. 2024 when each update is one training batch; under DDP, each rank's batch), and the counts ``counts_E``.
     """
 
     full_state_update = False
@@ -51,11 +56,21 @@ class ExpertLoad(Metric):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
         self.num_experts = num_experts
         self.add_state("counts_E", default=torch.zeros(num_experts, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("maxvio_batch_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("batches", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, experts_TK: Tensor) -> None:
-        if experts_TK.numel() and int(experts_TK.max()) >= self.num_experts:
-            raise ValueError(f"expert id {int(experts_TK.max())} out of range for num_experts={self.num_experts}.")
-        self.counts_E += torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(self.counts_E)
+        if experts_TK.numel() == 0:
+            return  # no assignment, no batch MaxVio to average in
+        check_ids("expert id", experts_TK, self.num_experts, f"num_experts={self.num_experts} must match the layer")
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(self.counts_E)
+        self.counts_E += counts_E
+        # max / mean - 1 with mean = sum / E, the same MaxVio as load_stats without its other statistics.
+        self.maxvio_batch_sum += counts_E.max() * self.num_experts / counts_E.sum() - 1
+        self.batches += 1
 
     def compute(self) -> dict[str, Tensor]:
-        return load_stats(self.counts_E)
+        stats = load_stats(self.counts_E)
+        stats["maxvio_batch"] = self.maxvio_batch_sum / self.batches
+        stats["counts_E"] = self.counts_E.clone()  # synchronised here (states are local again after compute)
+        return stats

@@ -107,9 +107,11 @@ class MoETransformer(nn.Module):
         blocks = []
         for i in range(n_layers):
             if (i + 1) % moe_every == 0:
+                layer_router = copy.deepcopy(router) if router is not None else None
+                if layer_router is not None:
+                    layer_router.causal = True  # decoder: routers that would read later tokens refuse to build
                 ffn: nn.Module = MoELayer(
-                    d_model, d_ff, num_experts, top_k, copy.deepcopy(router) if router is not None else None,
-                    activation, backend, shared_d_ff,
+                    d_model, d_ff, num_experts, top_k, layer_router, activation, backend, shared_d_ff,
                 )
                 ffn.name = f"blocks.{i}.ffn"
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
-from lightning_moe.layers import moe_layers, update_router_states
+from lightning_moe.layers import feed_back_errors, moe_layers, update_router_states
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.utils import check_non_negative, check_positive
@@ -37,6 +36,9 @@ class MoELanguageModel(pl.LightningModule):
         warmup_steps: linear warmup steps before the cosine decay.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
     """
+
+    # Tells lightning_moe.callbacks.RouterStateUpdate that on_before_optimizer_step below already does its job.
+    updates_router_states = True
 
     def __init__(
         self,
@@ -64,11 +66,12 @@ class MoELanguageModel(pl.LightningModule):
         check_non_negative("warmup_steps", warmup_steps)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}.")
-        with warnings.catch_warnings():
-            # The router prototype is a tiny unbound module; keeping it in hparams lets load_from_checkpoint
-            # rebuild the same gating strategy.
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters()
+        if isinstance(router, dict):  # from a checkpoint's hyper-parameters (see below)
+            router = Router.from_config(router)
+        self.save_hyperparameters(ignore=["router"])
+        # The router is stored as its YAML config, not a pickled module, so checkpoints load with torch.load's
+        # weights_only default and load_from_checkpoint rebuilds the same gating strategy.
+        self.hparams["router"] = router.config() if router is not None else None
         self.model = MoETransformer(
             vocab_size, d_model, n_layers, n_heads, d_ff, num_experts, top_k, moe_every, router,
             activation, backend, shared_d_ff, max_seq_len,
@@ -86,16 +89,20 @@ class MoELanguageModel(pl.LightningModule):
     def forward(self, tokens_BS: Tensor) -> Tensor:
         return self.model(tokens_BS)
 
-    def _ce(self, batch: dict[str, Tensor]) -> Tensor:
+    def _ce(self, batch: dict[str, Tensor], reduction: str = "mean") -> Tensor:
         for key in ("tokens", "labels"):
             if key not in batch:
                 raise ValueError(f"batch is missing {key!r}; a language-model batch needs 'tokens' and 'labels'.")
         logits = self.model(batch["tokens"])
         # fp32 cross-entropy: a bf16 log-softmax over the vocabulary is off by ~1e-2 nats.
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction=reduction)
+        return ce.view(batch["labels"].shape) if reduction == "none" else ce
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        ce = self._ce(batch)
+        ce_BS = self._ce(batch, reduction="none")
+        # Routers that learn from prediction error (precision gating) read each token's loss.
+        feed_back_errors(self.model, ce_BS)
+        ce = ce_BS.sum() / (batch["labels"] != -100).sum()  # the mean over non-ignored labels, as reduction="mean"
         layers = moe_layers(self.model)
         aux: dict[str, Tensor] = {}
         for layer in layers:

@@ -1,0 +1,127 @@
+"""Step time of MoELanguageModel training with and without all four routing monitors, side by side.
+
+Both arms train the same model (same seed, same batches) with the same Trainer settings and a CSV logger; the
+only difference is the callbacks: LoadBalanceMonitor, SpecializationMonitor, RouterGeometryMonitor and
+TransitionMonitor. Runs alternate (A B A B ...) so machine noise hits both alike. A step is timed from one
+``on_train_batch_start`` to the next, so it includes every hook, the monitors' logging steps and the logger.
+The mean is the amortised cost (logging steps included); the median is a typical non-logging step. The target
+is a mean ratio <= 1.05. Wall and CPU time are both shown: on a shared machine wall time also measures the
+neighbours.
+
+    python benchmarks/bench_callbacks.py                 # d=64, 2 layers, 8 experts top-2, 16 x 128 tokens/step
+    python benchmarks/bench_callbacks.py --steps 30 --repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from lightning_moe.callbacks import LoadBalanceMonitor, RouterGeometryMonitor, SpecializationMonitor, TransitionMonitor
+from lightning_moe.modules.language_model import MoELanguageModel
+
+NUM_DOMAINS = 4
+
+
+class StepTimer(pl.Callback):
+    """Wall and CPU time between consecutive training-batch starts (the last step ends at ``on_train_end``).
+
+    CPU time (this process) is reported beside wall time because on a shared machine other tenants' jobs
+    stretch wall time by whatever share of the cores they take, in one arm more than the other by chance.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def step_times(self, warmup: int) -> list[tuple[float, float]]:
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.stamps, self.stamps[1:])][warmup:]
+
+
+def batches(n: int, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random tokens whose domain label switches at a random position in each sequence."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n * batch_size, seq_len + 1), generator=g)
+    first = torch.randint(0, NUM_DOMAINS, (n * batch_size, 1), generator=g)
+    second = (first + torch.randint(1, NUM_DOMAINS, first.shape, generator=g)) % NUM_DOMAINS
+    switch = torch.randint(seq_len // 4, 3 * seq_len // 4, first.shape, generator=g)
+    domains = torch.where(torch.arange(seq_len) < switch, first, second)
+    return [{"tokens": t[:-1], "labels": t[1:], "domain_ids": d} for t, d in zip(tokens, domains)]
+
+
+def run(args: argparse.Namespace, monitors: bool, data: list[dict], root: str) -> list[tuple[float, float]]:
+    torch.manual_seed(0)
+    model = MoELanguageModel(
+        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=4, d_ff=2 * args.d_model,
+        num_experts=args.experts, top_k=args.top_k, max_seq_len=args.seq, warmup_steps=10,
+    )
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if monitors:
+        callbacks += [
+            LoadBalanceMonitor(),
+            SpecializationMonitor(num_labels=NUM_DOMAINS),
+            RouterGeometryMonitor(),
+            TransitionMonitor(num_labels=NUM_DOMAINS),
+        ]
+    trainer = pl.Trainer(
+        max_steps=args.steps, log_every_n_steps=args.every, callbacks=callbacks, logger=CSVLogger(root),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+        accelerator="cpu", default_root_dir=root,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=args.batch))
+    return timer.step_times(args.warmup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the statistics")
+    p.add_argument("--every", type=int, default=10, help="Trainer log_every_n_steps = the monitors' cadence")
+    p.add_argument("--repeats", type=int, default=3, help="A/B pairs")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    data = batches(args.steps, args.batch, args.seq, args.vocab)
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(args.repeats):
+            for monitors in (False, True):
+                times[monitors] += run(args, monitors, data, root)
+    print(
+        f"MoELanguageModel d={args.d_model} layers={args.layers} E={args.experts} k={args.top_k}, "
+        f"{args.batch}x{args.seq} tokens/step, {args.threads} thread(s), monitors log every {args.every} steps, "
+        f"{args.repeats} x {args.steps - args.warmup} timed steps per arm"
+    )
+    print(f"{'ms per step':>24} {'wall mean':>10} {'wall median':>12} {'CPU mean':>9} {'CPU median':>11}")
+    rows = {}
+    for monitors, label in ((False, "no callbacks"), (True, "all four monitors")):
+        wall, cpu = zip(*times[monitors])
+        rows[label] = [statistics.mean(wall), statistics.median(wall), statistics.mean(cpu), statistics.median(cpu)]
+        print(f"{label:>24} " + " ".join(f"{1e3 * v:{w}.2f}" for v, w in zip(rows[label], (10, 12, 9, 11))))
+    ratio = [a / b for a, b in zip(rows["all four monitors"], rows["no callbacks"])]
+    print(f"{'ratio (with / without)':>24} " + " ".join(f"{v:{w}.3f}" for v, w in zip(ratio, (10, 12, 9, 11))))
+
+if __name__ == "__main__":
+    main()

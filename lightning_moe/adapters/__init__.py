@@ -1,0 +1,26 @@
+"""Adapters: forward-hook taps that turn any model's MoE routing into :class:`RoutingEvent` s.
+
+``find_taps`` / ``attach_taps`` pick the right adapter per module type: our :class:`MoELayer`, Hugging Face
+transformers sparse MoE blocks (Mixtral, OLMoE, Qwen2-MoE, ...) and MegaBlocks ``MoE``/``dMoE``. Subclass
+:class:`Tap` for anything else.
+"""
+
+from lightning_moe.adapters.base import Projection, Tap
+from lightning_moe.adapters.discovery import DEFAULT_ADAPTERS, attach_taps, find_taps, record_routing
+from lightning_moe.adapters.events import RoutingEvent
+from lightning_moe.adapters.huggingface import HuggingFaceMoeTap
+from lightning_moe.adapters.megablocks import MegaBlocksTap
+from lightning_moe.adapters.native import MoELayerTap
+
+__all__ = [
+    "DEFAULT_ADAPTERS",
+    "HuggingFaceMoeTap",
+    "MegaBlocksTap",
+    "MoELayerTap",
+    "Projection",
+    "RoutingEvent",
+    "Tap",
+    "attach_taps",
+    "find_taps",
+    "record_routing",
+]

@@ -1,0 +1,98 @@
+"""``Tap``: the forward hooks that turn one MoE module's routing into :class:`RoutingEvent` s.
+
+Legend: T tokens, K slots per token, E experts, F expert width, D layer input width.
+
+A tap never changes what the model computes: its hooks only keep references to tensors the model already made
+(plus, for some backends, one softmax over the router logits), so attaching one costs a Python call per layer per
+forward. Write a subclass for a model family we do not know and pass it to the monitors' ``adapters`` argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_moe.adapters.events import RoutingEvent
+
+Sink = Callable[[RoutingEvent], None]
+# Which input projection of an expert an activation norm is taken from: ``gate`` is the pre-activation gate
+# projection (``w1`` / the first half of ``gate_up_proj``), ``up`` the linear branch of a GLU (``v1``).
+Projection = Literal["gate", "up"]
+
+
+class Tap:
+    """A hook on one MoE module that emits a :class:`RoutingEvent` per forward.
+
+    Subclasses implement :meth:`matches` (for automatic discovery), :attr:`num_experts` and :meth:`_register`;
+    :meth:`router_weight_ED` and :meth:`expert_weight_EFD` are optional (geometry and coupling metrics need them).
+
+    Args:
+        name: the layer name events carry (the module path inside the model, for discovered taps).
+        module: the MoE module to hook.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{type(self).__name__}: module must be an nn.Module, got {type(module).__name__}.")
+        self.name, self.module = name, module
+        self._handles: list[RemovableHandle] = []
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this adapter understands ``module`` (used by :func:`~lightning_moe.adapters.find_taps`)."""
+        return False
+
+    @property
+    def num_experts(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, sink: Sink, capture_inputs: bool = False) -> Tap:
+        """Start sending this layer's events to ``sink``.
+
+        Args:
+            sink: called with each :class:`RoutingEvent`, inside the model's forward.
+            capture_inputs: also hand over the layer input ``x_TD`` (a reference, no copy); only the router–expert
+                coupling metric needs it.
+        """
+        if self._handles:
+            raise ValueError(
+                f"tap {self.name!r} is already attached; call remove() first, or create a second tap for a second sink."
+            )
+        self._handles = self._register(sink, capture_inputs)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks; the model runs exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _register(self, sink: Sink, capture_inputs: bool) -> list[RemovableHandle]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def router_weight_ED(self) -> Tensor | None:
+        """The router's expert rows (linear router weights, or centroids), or None when the router has none."""
+        return None
+
+    def expert_weight_EFD(self, projection: Projection) -> Tensor | None:
+        """One input projection of every expert as ``[E, F, D]``, or None when the layout is unknown."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, num_experts={self.num_experts}, attached={self.attached})"
+
+
+def find_rows_ED(module: nn.Module, num_experts: int, d_model: int) -> Tensor | None:
+    """The first parameter (then buffer) of ``module`` shaped ``[E, D]``: a linear router's weight or a
+    centroid router's centroids, whatever the attribute is called."""
+    for _, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.shape == (num_experts, d_model):
+            return t
+    return None

@@ -1,0 +1,125 @@
+"""Tap for Hugging Face ``transformers`` sparse MoE blocks (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...).
+
+Legend: T tokens, K slots, E experts, F expert width, D hidden size.
+
+The seam (transformers >= 5): a sparse MoE block owns ``experts``, one module holding every expert's weights
+stacked (``gate_up_proj`` ``[E, 2F, D]``, or ``up_proj`` without a GLU; layout flags ``has_gate``,
+``is_transposed``, ``is_concatenated`` set by ``transformers.integrations.moe.use_experts_implementation``), and
+calls it as ``experts(hidden_TD, top_k_index_TK, top_k_weights_TK)`` with the routing it will actually apply; a router child (``gate`` or ``router``) returns the router logits, alone or first in a
+tuple. A forward pre-hook on ``experts`` therefore sees exactly what the block routes, whatever selection rule
+(softmax top-k, group-limited, bias-corrected) the model family uses. Nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_moe.adapters.base import Projection, Sink, Tap, find_rows_ED
+from lightning_moe.adapters.events import RoutingEvent
+from lightning_moe.utils import check_choice
+
+ScoreFunction = Literal["auto", "softmax", "sigmoid"]
+STACKED_WEIGHTS = ("gate_up_proj", "up_proj")
+ROUTER_ATTRIBUTES = ("gate", "router")
+
+
+class HuggingFaceMoeTap(Tap):
+    """Routing events from one transformers sparse MoE block.
+
+    Args:
+        name: layer name carried by the events.
+        module: the sparse MoE block (``MixtralSparseMoeBlock``, ``OlmoeSparseMoeBlock``, ...).
+        score_function: how router logits become ``scores_TE``. ``auto``: sigmoid for routers that carry a
+            score-correction bias (DeepSeek-V3-style loss-free balancing) or whose config says
+            ``scoring_func="sigmoid"``, softmax otherwise.
+    """
+
+    def __init__(self, name: str, module: nn.Module, score_function: ScoreFunction = "auto") -> None:
+        if not self.matches(module):
+            raise TypeError(
+                f"HuggingFaceMoeTap needs a transformers sparse MoE block whose `experts` stacks the expert weights "
+                f"(transformers >= 5), got {type(module).__name__}."
+            )
+        check_choice("score_function", score_function, ("auto", "softmax", "sigmoid"))
+        super().__init__(name, module)
+        self.experts: nn.Module = module.experts
+        self.router: nn.Module | None = next(
+            (m for a in ROUTER_ATTRIBUTES if isinstance(m := getattr(module, a, None), nn.Module)), None
+        )
+        if score_function == "auto":
+            config = getattr(self.experts, "config", None)
+            bias_corrected = hasattr(self.router, "e_score_correction_bias")
+            sigmoid = bias_corrected or getattr(config, "scoring_func", "") == "sigmoid"
+            score_function = "sigmoid" if sigmoid else "softmax"
+        self.score_function = score_function
+        # Bound once: the experts' forward takes (hidden, index, weights) positionally or by keyword.
+        self._signature = inspect.signature(self.experts.forward)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, nn.Module) or not hasattr(experts, "num_experts"):
+            return False
+        return any(isinstance(w := getattr(experts, a, None), Tensor) and w.dim() == 3 for a in STACKED_WEIGHTS)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.num_experts)
+
+    def _scores(self, logits_TE: Tensor) -> Tensor:
+        logits_TE = logits_TE.detach().reshape(-1, logits_TE.shape[-1]).float()
+        return torch.sigmoid(logits_TE) if self.score_function == "sigmoid" else torch.softmax(logits_TE, dim=-1)
+
+    def _register(self, sink: Sink, capture_inputs: bool) -> list[RemovableHandle]:
+        pending: dict[str, Tensor] = {}
+
+        def on_block(block: nn.Module, args: tuple) -> None:
+            # A block call without a router output (an unknown router) must not reuse the previous call's logits.
+            pending.clear()
+
+        def on_router(router: nn.Module, args: tuple, output) -> None:
+            pending["logits"] = output[0] if isinstance(output, (tuple, list)) else output
+
+        def on_experts(experts: nn.Module, args: tuple, kwargs: dict) -> None:
+            if len(args) >= 3:
+                hidden, index, weights = args[:3]
+            else:
+                hidden, index, weights = list(self._signature.bind(*args, **kwargs).arguments.values())[:3]
+            logits = pending.pop("logits", None)
+            scores = self._scores(logits) if logits is not None else None
+            x_TD = hidden.detach().reshape(-1, hidden.shape[-1]) if capture_inputs else None
+            index_TK, weights_TK = index.reshape(-1, index.shape[-1]).long(), weights.reshape(-1, weights.shape[-1])
+            sink(RoutingEvent(self.name, index_TK, weights_TK, scores, x_TD=x_TD))
+
+        handles = [
+            self.module.register_forward_pre_hook(on_block),
+            self.experts.register_forward_pre_hook(on_experts, with_kwargs=True),
+        ]
+        if self.router is not None:
+            handles.append(self.router.register_forward_hook(on_router))
+        return handles
+
+    def router_weight_ED(self) -> Tensor | None:
+        hidden_size = getattr(getattr(self.experts, "config", None), "hidden_size", None)
+        if self.router is None or hidden_size is None:
+            return None
+        return find_rows_ED(self.router, self.num_experts, hidden_size)
+
+    def expert_weight_EFD(self, projection: Projection) -> Tensor | None:
+        e = self.experts
+        transposed = getattr(e, "is_transposed", False)  # [E, D, 2F] instead of [E, 2F, D]
+        w = getattr(e, "gate_up_proj", None) if getattr(e, "has_gate", True) else None
+        if w is None:
+            # No GLU: the single input projection serves as both "gate" and "up".
+            w = getattr(e, "up_proj", None)
+            return None if w is None else (w.transpose(1, 2) if transposed else w)
+        w_E2FD = w.transpose(1, 2) if transposed else w
+        if getattr(e, "is_concatenated", True):  # [gate; up] halves, as ``gate_up_out.chunk(2, dim=-1)`` splits
+            half = w_E2FD.shape[1] // 2
+            return w_E2FD[:, :half] if projection == "gate" else w_E2FD[:, half:]
+        return w_E2FD[:, 0::2] if projection == "gate" else w_E2FD[:, 1::2]  # interleaved gate0, up0, gate1, ...

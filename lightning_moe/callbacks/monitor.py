@@ -1,0 +1,293 @@
+"""``RoutingMonitor``: what the four routing monitors share — tap discovery, one event per layer per batch,
+logging cadence, metric state through checkpoints, plots next to the logs.
+
+Legend: T tokens, K slots, E experts, B batch, S sequence.
+
+Lifecycle: ``setup`` finds the model's MoE layers (:func:`~lightning_moe.adapters.find_taps`) and attaches one
+hook per layer; each batch keeps the last event of each layer (a gradient-checkpointing recompute overwrites
+rather than double-counts); ``on_*_batch_end`` feeds the batch's events to the subclass's torchmetrics states;
+every ``every_n_steps`` optimizer steps the training window is computed (synchronised across DDP ranks by
+torchmetrics), sent to every logger of the Trainer (``logger.log_metrics``) and reset; validation accumulates
+over the whole epoch. The last value of every key is kept in ``monitor.logged``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_moe.adapters import RoutingEvent, Tap, find_taps
+from lightning_moe.callbacks.plots import matplotlib_available, plot_directory, save
+from lightning_moe.utils import check_positive_int
+
+Stage = Literal["train", "val"]
+
+
+class RoutingMonitor(pl.Callback):
+    """Base class of the routing monitors; subclasses implement ``_build``, ``_observe`` and ``_compute``.
+
+    Args:
+        every_n_steps: log the training window every this many optimizer steps; default the Trainer's
+            ``log_every_n_steps``.
+        layers: watch only these MoE layers (module paths in the LightningModule, e.g. ``model.blocks.0.ffn``);
+            default every layer found.
+        adapters: :class:`~lightning_moe.adapters.Tap` classes that recognise MoE layers, tried in order;
+            default our ``MoELayer``, Hugging Face sparse MoE blocks and MegaBlocks layers.
+        mask_key: batch key of a per-token mask (True/1 = real token); tokens outside it are not counted.
+            Ignored when the batch has no such key.
+        plots: write PNG figures (needs matplotlib) to ``<log_dir>/plots`` after each validation epoch and at the
+            end of fit.
+    """
+
+    needs_inputs = False  # whether taps must hand over the layer input x_TD
+    name = "routing"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        layers: Sequence[str] | None = None,
+        adapters: Sequence[type[Tap]] | None = None,
+        mask_key: str | None = "attention_mask",
+        plots: bool = True,
+    ) -> None:
+        if every_n_steps is not None:
+            check_positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.layers = list(layers) if layers is not None else None
+        self.adapters = list(adapters) if adapters is not None else None
+        self.mask_key = mask_key
+        self.plots = plots
+        self.taps: dict[str, Tap] = {}
+        self.metrics: dict[str, Metric] = {}  # "<stage>/<layer>/<kind>" -> metric
+        self.last_logged_step = -1
+        self.logged: dict[str, float] = {}  # the last value logged under each key
+        self._events: dict[str, RoutingEvent] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._warned_no_matplotlib = False
+        self._device = torch.device("cpu")
+        self._built_for: dict[str, int] | None = None  # layer -> num_experts the metrics were built for
+
+    # ----------------------------------------------------------------------------------------- subclass hooks
+    def _build(self, pl_module: pl.LightningModule) -> None:
+        """Create ``self.metrics`` for ``self.taps``."""
+
+    def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
+        """Feed one layer's event of one batch to the metrics."""
+
+    def _compute(self, stage: Stage) -> dict[str, Tensor]:
+        """Scalars to log for ``stage`` (keys without the stage prefix), from the metrics."""
+        return {}
+
+    def _plot(self, directory: Path) -> None:
+        """Write this monitor's figures (called on rank zero, matplotlib present)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, **self._state_key_kwargs())
+
+    def _state_key_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def _sink(self, event: RoutingEvent) -> None:
+        self._events[event.layer] = event
+
+    def metric(self, stage: Stage, layer: str, kind: str) -> Metric:
+        return self.metrics[f"{stage}/{layer}/{kind}"]
+
+    def add_metric(self, layer: str, kind: str, factory, stages: Sequence[Stage] = ("train", "val")) -> None:
+        for stage in stages:
+            self.metrics[f"{stage}/{layer}/{kind}"] = factory()
+
+    def batch_field(self, batch: Any, key: str, event: RoutingEvent) -> Tensor:
+        """``batch[key]`` as one value per token of ``event``; errors name the key, the value and the fix."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"{type(self).__name__} reads {key!r} from the batch, but the batch is a {type(batch).__name__}; "
+                "use dict batches (e.g. {'tokens': ..., 'domain_ids': ...})."
+            )
+        if key not in batch:
+            raise ValueError(
+                f"{type(self).__name__}: the batch has no {key!r} (keys: {sorted(batch)}); add per-token "
+                f"{key!r} to the batch, or point the monitor's key argument at the batch key that holds them."
+            )
+        value = batch[key]
+        if not isinstance(value, Tensor) or value.numel() != event.num_tokens:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"{type(self).__name__}: batch[{key!r}] has shape {shape} but layer {event.layer!r} routed "
+                f"{event.num_tokens} tokens; it needs one value per token ([batch, seq])."
+            )
+        return value.to(event.experts_TK.device)
+
+    def batch_mask_T(self, event: RoutingEvent, batch: Any) -> Tensor | None:
+        """The batch's ``mask_key`` entry as one bool per token, or None when the batch has none."""
+        if self.mask_key is None or not isinstance(batch, Mapping) or self.mask_key not in batch:
+            return None
+        return self.batch_field(batch, self.mask_key, event).reshape(-1).bool()
+
+    def masked_labels(self, batch: Any, key: str, event: RoutingEvent) -> Tensor:
+        """Per-token labels shaped like the batch entry, -1 (ignored by the metrics) where a token does not count."""
+        labels = self.batch_field(batch, key, event).long()
+        keep_T = event.kept_T(self.batch_mask_T(event, batch))
+        return labels if keep_T is None else labels.masked_fill(~keep_T.view(labels.shape), -1)
+
+    def tap_of(self, event: RoutingEvent) -> Tap:
+        return self.taps[event.layer]
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for tap in self.taps.values():
+            tap.remove()
+        taps = find_taps(pl_module, self.adapters, self.layers)
+        if not taps:
+            rank_zero_warn(
+                f"{type(self).__name__} found no MoE layer in {type(pl_module).__name__}; it will log nothing. "
+                "Pass adapters=[YourTap] for a model family it does not know."
+            )
+        self.taps = {t.name: t.attach(self._sink, self.needs_inputs) for t in taps}
+        signature = {name: tap.num_experts for name, tap in self.taps.items()}
+        if signature != self._built_for:
+            self.metrics, self._device = {}, torch.device("cpu")
+            self._build(pl_module)
+            self._built_for = signature
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for tap in self.taps.values():
+            tap.remove()
+        self._events.clear()
+
+    def _to_device(self, device: torch.device) -> None:
+        # Metrics are not submodules of the LightningModule, so Lightning does not move them: follow the events.
+        if device != self._device:
+            for m in self.metrics.values():
+                m.to(device)
+            self._device = device
+
+    def _consume(self, stage: Stage, batch: Any, logging_now: bool) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            if event.layer in self.taps:
+                self._to_device(event.experts_TK.device)
+                self._observe(stage, event, batch, logging_now)
+
+    def _log(self, trainer: pl.Trainer, stage: Stage) -> None:
+        values = self._compute(stage)  # collective under DDP: every rank computes
+        for key, m in self.metrics.items():
+            if key.startswith(stage + "/"):
+                m.reset()
+        if not values:
+            return
+        metrics = {f"{stage}/{k}": float(v) for k, v in values.items()}
+        self.logged.update(metrics)
+        # Straight to the loggers (rank zero; values are already reduced over ranks): ``self.log`` costs ~0.2 ms
+        # per key, a few hundred keys per logging step here, and would drop values off the Trainer's
+        # ``log_every_n_steps`` grid.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _has_data(self, stage: Stage, kind: str) -> list[str]:
+        """Layers whose ``kind`` metric of ``stage`` has been updated since its last reset."""
+        return [layer for layer in self.taps if self.metric(stage, layer, kind).update_count > 0]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._events.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
+        # every == 0 (Trainer(log_every_n_steps=0)): no training logs; the window keeps accumulating.
+        logging_now = every > 0 and step != self.last_logged_step and step % every == 0
+        self._consume("train", batch, logging_now)
+        if logging_now:
+            self.last_logged_step = step
+            self._log(trainer, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._events.clear()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            self._events.clear()
+            return
+        self._consume("val", batch, True)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._log(trainer, "val")
+        self._save_plots(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_plots(trainer)
+
+    def _save_plots(self, trainer: pl.Trainer) -> None:
+        if not self.plots or not trainer.is_global_zero:
+            return
+        if not matplotlib_available():
+            if not self._warned_no_matplotlib:
+                rank_zero_warn(
+                    f"matplotlib is not installed: {type(self).__name__} skips its plots. "
+                    "Install it with `pip install 'lightning-moe[plots]'` or pass plots=False."
+                )
+                self._warned_no_matplotlib = True
+            return
+        self._plot(plot_directory(trainer))
+
+    def save_figure(self, fig, directory: Path, stem: str) -> Path:
+        return save(fig, directory / f"{self.name}_{stem}.png")
+
+    # ------------------------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": {
+                key: {name: _map_state(v, lambda t: t.detach().cpu().clone()) for name, v in m.metric_state.items()}
+                for key, m in self.metrics.items()
+            },
+            "last_logged_step": self.last_logged_step,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after ``setup``; if the metrics do not exist yet, apply at setup.
+        if self.metrics:
+            self._apply_state(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state["metrics"]) - set(self.metrics))
+        if unknown:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint has state for {unknown} that this model does not have "
+                "(a different model or `layers` choice?); that state is dropped."
+            )
+        for key, saved in state["metrics"].items():
+            if key not in self.metrics:
+                continue
+            m = self.metrics[key]
+            m.reset()
+            m.merge_state({k: _map_state(v, lambda t, d=m.device: t.to(d)) for k, v in saved.items()})
+        self.last_logged_step = state["last_logged_step"]
+        self._load_extra_state(state["extra"])
+
+
+def _map_state(value: Tensor | list[Tensor], fn) -> Tensor | list[Tensor]:
+    """Apply ``fn`` to a metric state: a tensor, or the list of tensors of a ``cat`` state."""
+    return [fn(t) for t in value] if isinstance(value, list) else fn(value)

@@ -1,0 +1,113 @@
+"""``TransitionMonitor``: routing at labelled domain switches, offset by offset (transitions spec §2, §4, §7.5).
+
+Legend: B batch, S sequence, T = B*S tokens, E experts, C domain labels, O = 2W+1 offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_moe.adapters import RoutingEvent
+from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
+from lightning_moe.callbacks.plots import heatmap, new_figure
+from lightning_moe.metrics.transitions import TransitionRouting, check_transition_args
+
+OFFSET_STATS = ("p_correct", "acc_correct", "k99", "coverage99")
+
+
+class TransitionMonitor(RoutingMonitor):
+    """Logs, per MoE layer and offset o in −W..+W around each switch of ``batch[label_key]``,
+    ``<stage>/transition/<layer>/<stat>@<o>`` (``@-1``, ``@+0``, ...) for ``p_correct`` (routing probability on
+    the incoming domain's correct expert), ``acc_correct`` (argmax on it), ``k99`` (the paper's
+    K = log 0.01 / log(1 − p)) and ``coverage99`` (experts a token needs for 99% of its routing mass).
+    See :class:`~lightning_moe.metrics.TransitionRouting` for the definitions, including "correct expert".
+    With labels aligned to input tokens, offset −1 is the reference's transition step.
+
+    Plot ``transition_<stage>.png``: per layer, the mean routing distribution aligned on the switches (experts x
+    offsets) beside the correct-expert probability and accuracy per offset.
+
+    Args:
+        num_labels: number of domain labels C; labels in [0, C), negative = ignored.
+        label_key: batch key of the per-token domain labels, ``[batch, seq]``.
+        window: W; offsets −W..+W are logged.
+        correct_experts: the correct expert of each label when it is known by construction (toy tasks);
+            default: identified from the data in each window.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+    """
+
+    name = "transition"
+
+    def __init__(
+        self,
+        num_labels: int,
+        label_key: str = "domain_ids",
+        window: int = 4,
+        correct_experts: Sequence[int] | None = None,
+        **monitor_kwargs: Any,
+    ) -> None:
+        super().__init__(**monitor_kwargs)
+        check_transition_args(num_labels, window, correct_experts)
+        self.num_labels, self.label_key, self.window = num_labels, label_key, window
+        self.correct_experts = list(correct_experts) if correct_experts is not None else None
+        self.latest: dict[Stage, dict[str, dict[str, Tensor]]] = {}
+
+    def _state_key_kwargs(self) -> dict[str, Any]:
+        return {"label_key": self.label_key, "window": self.window}
+
+    def _build(self, pl_module: pl.LightningModule) -> None:
+        for layer, tap in self.taps.items():
+            self.add_metric(layer, "transition", partial(
+                TransitionRouting, self.num_labels, tap.num_experts, self.window, self.correct_experts))
+
+    def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
+        labels = self.masked_labels(batch, self.label_key, event)
+        if labels.dim() != 2:
+            raise ValueError(
+                f"TransitionMonitor: batch[{self.label_key!r}] must be [batch, seq] to locate switches within "
+                f"sequences, got shape {tuple(labels.shape)}."
+            )
+        mass_TE = event.routing_mass_TE(self.tap_of(event).num_experts)
+        self.metric(stage, event.layer, "transition").update(labels, mass_TE)
+
+    def _compute(self, stage: Stage) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for layer in self._has_data(stage, "transition"):
+            result = self.metric(stage, layer, "transition").compute()
+            self.latest.setdefault(stage, {})[layer] = {k: v.detach().cpu() for k, v in result.items()}
+            for stat in OFFSET_STATS:
+                for o, value in zip(result["offsets"].tolist(), result[stat]):
+                    out[f"transition/{layer}/{stat}@{o:+d}"] = value
+        return out
+
+    def _plot(self, directory: Path) -> None:
+        for stage, layers in self.latest.items():
+            made = new_figure(2 * len(layers), columns=2, panel_size=(5.0, 3.2))
+            if made is None:
+                return
+            fig, axes = made
+            for i, (layer, r) in enumerate(layers.items()):
+                offsets = [f"{o:+d}" for o in r["offsets"].tolist()]
+                heatmap(fig, axes[2 * i], r["mass_OE"].T, f"{layer} ({stage}): routing mass around switches",
+                        "offset from switch", "expert", "mean routing probability", xticks=offsets,
+                        cmap="viridis", vmin=0)
+                ax = axes[2 * i + 1]
+                ax.plot(offsets, r["p_correct"].numpy(), marker="o", label="p(correct expert)")
+                ax.plot(offsets, r["acc_correct"].numpy(), marker="s", label="argmax = correct")
+                ax.axvline(offsets.index("+0"), color="grey", linestyle=":")
+                ax.set_ylim(0, 1)
+                ax.set_xlabel("offset from switch")
+                ax.set_title(f"{layer} ({stage}): correct expert = incoming domain's", fontsize=9)
+                ax.legend(fontsize=7)
+            self.save_figure(fig, directory, stage)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"latest": {s: {k: dict(v) for k, v in d.items()} for s, d in self.latest.items()}}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.latest = {s: {k: dict(v) for k, v in d.items()} for s, d in state["latest"].items()}

@@ -1,0 +1,279 @@
+"""Routing at domain transitions (arXiv 2605.00604; transitions spec §1, §7.5): beta memory, precision
+gating and anticipation, composed on the softmax top-k affinity gate by one class.
+
+Legend: B batch, S sequence, T = B*S tokens, D model width, E experts, K selected slots.
+
+The gate, with each part present only when its flag is on (``h = x`` without beta, ``Pi = 1`` without
+precision)::
+
+    h_t     = beta * h_{t-1} + x_t                   beta   (per model dimension, beta = sigmoid(learned))
+    xhat_t  = f([x_t, h_t])  (f(x_t) without beta)   anticipation, trained by 0.5 * MSE(xhat_t, x_{t+1})
+    logits  = (W h_t + W_pred xhat_t) * Pi           additive form (default); direct form: W xhat_t
+    Pi_i    = 1 / (var_i + eps)                      precision, var = EMA of expert i's prediction error
+    routing = softmax top-k of logits                (SoftmaxTopK: renormalisation, jitter, LB and z-losses)
+
+so the spec's 2^3 ablation is the eight values of ``(beta, precision, anticipation)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.gating.base import Routing, check_unit_interval
+from lightning_moe.gating.softmax_topk import SoftmaxTopK
+from lightning_moe.gating.temporal import leaky_integrate
+from lightning_moe.utils import check_choice, check_non_negative, check_positive, check_positive_int
+
+MemoryForm = Literal["leaky", "ema"]
+PrecisionForm = Literal["scale", "log_shift"]
+AnticipationForm = Literal["additive", "direct"]
+
+
+@dataclass
+class MemoryRouting(Routing):
+    """A :class:`Routing` that also carries each sequence's last memory state ``memory_BD`` (detached), which
+    :meth:`TransitionRouter.observe` keeps for the next window when ``carry_state`` is on."""
+
+    memory_BD: Tensor | None = None
+
+
+class TransitionRouter(SoftmaxTopK):
+    """Softmax top-k gate with any subset of beta memory, precision weighting and anticipation.
+
+    **beta** routes on ``h_t = beta * h_{t-1} + x_t`` instead of ``x_t`` (the reference's un-normalised leaky
+    integrator, or ``h_t = beta * h_{t-1} + (1 - beta) * x_t`` with ``memory_form='ema'``). ``beta =
+    sigmoid(logit_beta)`` is learned per model dimension through the whole sequence, computed by a chunked
+    parallel scan (:func:`lightning_moe.gating.temporal.leaky_integrate`). Each sequence starts from zero memory,
+    as in the reference, unless ``carry_state``: then each *training* window starts from the previous training
+    window's last state (buffer ``memory_BD``, detached, advanced by :meth:`observe` after the forward), which
+    suits consecutive windows of one stream per batch row. Evaluation always starts from zero, so validation
+    never disturbs the training stream; call :meth:`reset_memory` at stream boundaries.
+
+    **precision** multiplies the logits by ``Pi_i = 1 / (var_i + eps)`` (``precision_form='log_shift'`` adds the
+    centred ``log Pi`` instead, which keeps "more precise = more likely" for negative logits). ``var_E`` (buffer
+    ``precision_var_E``) is an EMA of expert ``i``'s prediction error, updated once per optimizer step:
+    ``var_i <- a * var_i + (1 - a) * err_i``, ``err_i = sum_t w_ti e_t / sum_t w_ti`` over the step's tokens with
+    routed weight ``w_ti`` and per-token error ``e_t`` (experts that routed nothing keep ``var_i``). The error
+    reaches the router through :func:`lightning_moe.layers.feed_back_errors`, which
+    :class:`lightning_moe.modules.MoELanguageModel` calls with the per-token cross-entropy; call it yourself in
+    your own ``training_step``. Pi is frozen outside training.
+
+    **anticipation** predicts the next router input ``xhat_t = f([x_t, h_t])`` (``f(x_t)`` without beta; f is
+    ``Linear -> GELU -> Linear`` of width ``predictor_mult * D``), adds ``W_pred xhat_t`` to the logits
+    (``anticipation_form='direct'`` routes on ``W xhat_t`` alone, the toy ablation's form) and returns
+    ``anticipation_weight * MSE(xhat_t, x_{t+1}.detach())`` over the positions that have a next token as aux
+    loss ``anticipation``.
+
+    Args:
+        beta: route on the leaky-integrated memory ``h`` instead of ``x``.
+        precision: scale the logits by the per-expert precision ``Pi``.
+        anticipation: add the next-input predictor's logits and its MSE loss.
+        init_beta: starting ``beta`` in every dimension (0.9 in the reference).
+        memory_form: ``leaky`` (reference, ``|h|`` grows to ``|x| / (1 - beta)``) or ``ema``.
+        carry_state: carry the memory across consecutive training windows (see above).
+        chunk_size: scan chunk length C; cost grows with ``C``, Python steps with ``S / C``.
+        precision_decay: EMA factor ``a`` of the error variance (0.95 in the reference).
+        precision_eps: ``eps`` in ``1 / (var + eps)`` (1e-4 in the reference).
+        precision_init_var: starting variance; 1.0 (Pi ~ 1) starts as the plain gate (the toy ablation used 0.5).
+        precision_form: ``scale`` (multiply the logits, the paper's form) or ``log_shift``.
+        anticipation_weight: ``lambda`` of the predictor's MSE loss (0.5 in the reference).
+        anticipation_form: ``additive`` (the language-model experiment) or ``direct``.
+        predictor_mult: predictor hidden width as a multiple of D (4 in the reference).
+        normalize_weights: renormalise the K selected probabilities to sum to 1.
+        jitter: multiplicative noise on the gate input during training; 0 = off.
+        load_balancing_weight: Switch load-balancing loss weight (the reference has none; top-k needs some).
+        z_loss_weight: router z-loss weight.
+    """
+
+    def __init__(
+        self,
+        beta: bool = True,
+        precision: bool = False,
+        anticipation: bool = True,
+        init_beta: float = 0.9,
+        memory_form: MemoryForm = "leaky",
+        carry_state: bool = False,
+        chunk_size: int = 64,
+        precision_decay: float = 0.95,
+        precision_eps: float = 1e-4,
+        precision_init_var: float = 1.0,
+        precision_form: PrecisionForm = "scale",
+        anticipation_weight: float = 0.5,
+        anticipation_form: AnticipationForm = "additive",
+        predictor_mult: int = 4,
+        normalize_weights: bool = True,
+        jitter: float = 0.0,
+        load_balancing_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+    ) -> None:
+        super().__init__(normalize_weights, jitter, load_balancing_weight, z_loss_weight)
+        check_unit_interval("init_beta", init_beta)
+        check_choice("memory_form", memory_form, ("leaky", "ema"))
+        check_positive_int("chunk_size", chunk_size)
+        check_unit_interval("precision_decay", precision_decay)
+        check_positive("precision_eps", precision_eps)
+        check_non_negative("precision_init_var", precision_init_var)
+        check_choice("precision_form", precision_form, ("scale", "log_shift"))
+        check_non_negative("anticipation_weight", anticipation_weight)
+        check_choice("anticipation_form", anticipation_form, ("additive", "direct"))
+        check_positive_int("predictor_mult", predictor_mult)
+        if carry_state and not beta:
+            raise ValueError("carry_state=True needs beta=True (there is no memory to carry); drop carry_state.")
+        self.beta, self.precision, self.anticipation = beta, precision, anticipation
+        self.init_beta, self.memory_form = init_beta, memory_form
+        self.carry_state, self.chunk_size = carry_state, chunk_size
+        self.precision_decay, self.precision_eps = precision_decay, precision_eps
+        self.precision_init_var, self.precision_form = precision_init_var, precision_form
+        self.anticipation_weight, self.anticipation_form = anticipation_weight, anticipation_form
+        self.predictor_mult = predictor_mult
+        # Python flags (not state): only to warn once when Pi is on but nobody feeds it errors.
+        self._observed = self._errors_fed = self._warned_no_errors = False
+
+    def build(self) -> None:
+        super().build()
+        D, E = self.d_model, self.num_experts
+        if self.beta:
+            self.logit_beta = nn.Parameter(torch.full((D,), math.log(self.init_beta / (1 - self.init_beta))))
+            if self.carry_state:
+                # [B, D] once a window has been seen; empty until then (and after reset_memory).
+                self.register_buffer("memory_BD", torch.zeros(0, D))
+        if self.anticipation:
+            d_in = 2 * D if self.beta else D
+            self.predictor = nn.Sequential(
+                nn.Linear(d_in, self.predictor_mult * D), nn.GELU(), nn.Linear(self.predictor_mult * D, D)
+            )
+            if self.anticipation_form == "additive":
+                self.anticipation_layer = nn.Linear(D, E, bias=False)
+                nn.init.normal_(self.anticipation_layer.weight, std=D**-0.5)
+        if self.precision:
+            self.register_buffer("precision_var_E", torch.full((E,), float(self.precision_init_var)))
+            self.register_pending("pending_error_E", torch.zeros(E))
+            self.register_pending("pending_weight_E", torch.zeros(E))
+
+    # ---- beta memory ---------------------------------------------------------------------------------------
+
+    @property
+    def beta_D(self) -> Tensor:
+        """The current per-dimension ``beta``."""
+        return torch.sigmoid(self.logit_beta)
+
+    def memory(self, x_BSD: Tensor) -> Tensor:
+        """``h_BSD`` (fp32) for this window, started from the carried state when that applies."""
+        h0_BD = None
+        if self.carry_state and self.training and self.memory_BD.numel():
+            if self.memory_BD.shape[0] != x_BSD.shape[0]:
+                raise ValueError(
+                    f"carry_state=True carries one memory per batch row: the last window had "
+                    f"{self.memory_BD.shape[0]} rows, this one has {x_BSD.shape[0]}; keep the batch size fixed "
+                    "(drop_last=True) or call reset_memory() between streams."
+                )
+            h0_BD = self.memory_BD
+        inputs_BSD = x_BSD
+        if self.memory_form == "ema":
+            inputs_BSD = x_BSD * torch.sigmoid(-self.logit_beta).to(x_BSD.dtype)  # (1 - beta) * x
+        return leaky_integrate(inputs_BSD, self.logit_beta, h0_BD, self.chunk_size)
+
+    def reset_memory(self) -> None:
+        """Forget the carried memory: the next training window starts from zero."""
+        if self.carry_state:
+            self.memory_BD = self.memory_BD.new_zeros(0, self.d_model)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The carried memory's batch size is whatever the saved run used; take its shape before loading.
+        key = prefix + "memory_BD"
+        if self.carry_state and key in state_dict:
+            self.memory_BD = self.memory_BD.new_zeros(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- precision -----------------------------------------------------------------------------------------
+
+    @property
+    def precision_E(self) -> Tensor:
+        """The current per-expert precision ``Pi = 1 / (var + eps)``."""
+        return 1.0 / (self.precision_var_E + self.precision_eps)
+
+    def apply_precision(self, logits_TE: Tensor) -> Tensor:
+        precision_E = self.precision_E.to(logits_TE.dtype)
+        if self.precision_form == "scale":
+            return logits_TE * precision_E
+        log_precision_E = precision_E.log()
+        return logits_TE + (log_precision_E - log_precision_E.mean())
+
+    @property
+    def wants_token_errors(self) -> bool:
+        return self.precision
+
+    def observe_errors(self, error_T: Tensor, routing: Routing) -> None:
+        if not self.precision:
+            return
+        T, E = routing.experts_TK.shape[0], self.num_experts
+        weights_TE = torch.zeros(T, E, device=error_T.device).scatter_add_(
+            1, routing.experts_TK, routing.weights_TK.detach().float()
+        )
+        self.pending_error_E += weights_TE.T @ error_T.float()
+        self.pending_weight_E += weights_TE.sum(dim=0)
+        self._errors_fed = True
+
+    def apply_pending(self) -> None:
+        if self._observed and not self._errors_fed and not self._warned_no_errors:
+            warnings.warn(
+                "TransitionRouter(precision=True) got no per-token errors this step, so Pi stays fixed; call "
+                "lightning_moe.layers.feed_back_errors(model, per_token_loss_BS) in training_step.",
+                stacklevel=2,
+            )
+            self._warned_no_errors = True
+        has_E = self.pending_weight_E > 0
+        error_E = self.pending_error_E / self.pending_weight_E.clamp(min=torch.finfo(torch.float32).tiny)
+        a, var_E = self.precision_decay, self.precision_var_E
+        var_E.copy_(torch.where(has_E, a * var_E + (1 - a) * error_E, var_E))
+        self._observed = self._errors_fed = False
+
+    # ---- gate ----------------------------------------------------------------------------------------------
+
+    def forward(self, x_BSD: Tensor) -> Routing:
+        D = x_BSD.shape[-1]
+        memory_BSD = self.memory(x_BSD) if self.beta else None  # fp32
+        h_BSD = memory_BSD.to(x_BSD.dtype) if memory_BSD is not None else x_BSD
+        losses: dict[str, Tensor] = {}
+        if self.anticipation:
+            predictor_in = torch.cat([x_BSD, h_BSD], dim=-1) if self.beta else x_BSD
+            xhat_BSD = self.predictor(predictor_in)
+            losses["anticipation"] = self.anticipation_weight * self.anticipation_loss(xhat_BSD, x_BSD)
+            if self.anticipation_form == "direct":
+                logits_TE = self.logits(xhat_BSD.reshape(-1, D))
+            else:
+                logits_TE = self.logits(h_BSD.reshape(-1, D)) + self.anticipation_layer(xhat_BSD.reshape(-1, D))
+        else:
+            logits_TE = self.logits(h_BSD.reshape(-1, D))
+        if self.precision:
+            logits_TE = self.apply_precision(logits_TE)
+        routing = self.route(logits_TE, losses)
+        if not self.carry_state:
+            return routing
+        values = {f.name: getattr(routing, f.name) for f in fields(routing)}
+        return MemoryRouting(**values, memory_BD=memory_BSD[:, -1].detach())
+
+    @staticmethod
+    def anticipation_loss(xhat_BSD: Tensor, x_BSD: Tensor) -> Tensor:
+        """Unweighted MSE between each prediction and the next position's (detached) router input."""
+        if x_BSD.shape[1] < 2:
+            return xhat_BSD.new_zeros((), dtype=torch.float32)
+        return F.mse_loss(xhat_BSD[:, :-1].float(), x_BSD[:, 1:].detach().float())
+
+    def observe(self, x_TD: Tensor, routing: Routing) -> None:
+        self._observed = True
+        if self.carry_state and isinstance(routing, MemoryRouting) and routing.memory_BD is not None:
+            self.memory_BD = routing.memory_BD.to(self.memory_BD)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, beta={self.beta}, precision={self.precision}, "
+            f"anticipation={self.anticipation}"
+        )

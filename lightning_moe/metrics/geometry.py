@@ -1,0 +1,144 @@
+"""Router geometry and router–expert score–activation coupling (geometric-coupling spec §2.2–2.3; baselines
+§4.11).
+
+Legend: E experts (router rows), D model width, F expert width, N sampled (token, selected expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_moe.utils import check_positive_int
+
+
+def router_geometry(rows_ED: Tensor, center: bool = False) -> dict[str, Tensor]:
+    """Geometry of router rows (or K-Means centroids), all in float64.
+
+    * ``mean_cosine``: signed mean off-diagonal cosine Σ_{i≠j} cos(r_i, r_j) / (E(E−1)) — the Fig. 3 number of
+      arXiv 2605.12476 (``sagearc/OLMo-core: compare_router_vectors.py``); NaN when E = 1.
+    * ``nn_cosine``: mean over rows of the cosine to the nearest other row.
+    * ``effective_rank``: exp(−Σ p_k log p_k), p_k = σ_k² / Σσ² over the singular values (E for orthogonal rows
+      of equal norm, 1 for rank one).
+    * ``common_energy``: E·‖mean row‖² / ‖W‖_F² (1 when all rows are equal, 0 when they cancel).
+
+    Args:
+        rows_ED: one row per expert.
+        center: subtract the mean row before the cosines and the effective rank (OLMo-core's "centered" variant);
+            ``common_energy`` is always of the raw rows.
+    """
+    W = rows_ED.detach().double()
+    E = W.shape[0]
+    common = E * W.mean(0).square().sum() / W.square().sum().clamp_min(1e-300)
+    if center:
+        W = W - W.mean(0, keepdim=True)
+    U = F.normalize(W, dim=1)
+    cos_EE = U @ U.T
+    off_EE = ~torch.eye(E, dtype=torch.bool, device=W.device)
+    sigma2 = torch.linalg.svdvals(W).square()
+    p = sigma2 / sigma2.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    nearest_E = cos_EE.masked_fill(~off_EE, float("-inf")).max(1).values
+    return {
+        "mean_cosine": cos_EE[off_EE].mean(),  # mean of no pairs = NaN when E = 1
+        "nn_cosine": nearest_E.mean() if E > 1 else cos_EE.new_tensor(float("nan")),
+        "effective_rank": torch.exp(-(p * p.log()).sum()),
+        "common_energy": common,
+    }
+
+
+def rankdata(x_N: Tensor) -> Tensor:
+    """1-based ranks with ties given their average rank (scipy's ``rankdata(method="average")``), float64."""
+    n = x_N.numel()
+    order = torch.argsort(x_N, stable=True)
+    sorted_x = x_N[order]
+    # Tie groups: each run of equal sorted values gets the mean of the ranks it spans.
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks = torch.empty(n, dtype=torch.float64, device=x_N.device)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def spearman(x_N: Tensor, y_N: Tensor) -> Tensor:
+    """Spearman's ρ: the Pearson correlation of average ranks (exact with ties); NaN if either side is constant."""
+    rx, ry = rankdata(x_N), rankdata(y_N)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx * ry).sum() / (rx.square().sum() * ry.square().sum()).sqrt()
+
+
+def projection_norms_N(x_ND: Tensor, experts_N: Tensor, weight_EFD: Tensor) -> Tensor:
+    """‖x_n · W_{e_n}ᵀ‖₂ for each (token, selected expert) pair, computed per expert (memory O(N·F)), fp32."""
+    norms_N = torch.empty(x_ND.shape[0], dtype=torch.float32, device=x_ND.device)
+    for e in torch.unique(experts_N).tolist():
+        sel = experts_N == e
+        norms_N[sel] = (x_ND[sel].float() @ weight_EFD[e].float().T).norm(dim=1)
+    return norms_N
+
+
+def zscore_per_group(y_N: Tensor, groups_N: Tensor, min_count: int = 2) -> tuple[Tensor, Tensor]:
+    """Standardise ``y`` within each group (population std); returns (z, kept mask). Groups with fewer than
+    ``min_count`` samples or zero spread are dropped: their z-score is undefined."""
+    num_groups = int(groups_N.max()) + 1
+    y = y_N.double()
+    count_G = torch.bincount(groups_N, minlength=num_groups).double()
+    sum_G = torch.zeros(num_groups, dtype=torch.float64, device=y.device).index_add_(0, groups_N, y)
+    mean_G = sum_G / count_G.clamp_min(1)
+    dev = y - mean_G[groups_N]
+    var_G = torch.zeros_like(mean_G).index_add_(0, groups_N, dev.square()) / count_G.clamp_min(1)
+    keep_N = (count_G[groups_N] >= min_count) & (var_G[groups_N] > 0)
+    return dev / var_G[groups_N].clamp_min(1e-300).sqrt(), keep_N
+
+
+class ScoreActivationCoupling(Metric):
+    """Spearman ρ between the selected expert's routing weight and that expert's activation norm, z-scored per
+    expert within the layer (arXiv 2605.12476 Fig. 2; ``sagearc/OLMo-core: plot_router_score_coupling.py``:
+    x = dispatch weight, y = ‖h·W_gateᵢᵀ‖₂ z-scored per expert; paper ρ = 0.43).
+
+    Ranks do not decompose into sums, so this metric keeps its (bounded, sampled) pairs in ``cat`` states:
+    under DDP they are gathered from every rank before ranking, which is exact. Keep the sample small.
+
+    ``compute()`` returns ``spearman`` and ``decile_means`` (mean z-scored norm per weight decile, for plots).
+
+    Args:
+        num_experts: number of experts E.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_experts: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_positive_int("num_experts", num_experts)
+        self.num_experts = num_experts
+        self.add_state("weights", default=[], dist_reduce_fx="cat")
+        self.add_state("norms", default=[], dist_reduce_fx="cat")
+        self.add_state("experts", default=[], dist_reduce_fx="cat")
+
+    def update(self, weights_N: Tensor, norms_N: Tensor, experts_N: Tensor) -> None:
+        if not weights_N.shape == norms_N.shape == experts_N.shape:
+            raise ValueError(
+                f"weights, norms and experts must have one entry per pair, got shapes {tuple(weights_N.shape)}, "
+                f"{tuple(norms_N.shape)}, {tuple(experts_N.shape)}."
+            )
+        self.weights.append(weights_N.detach().double().reshape(-1))
+        self.norms.append(norms_N.detach().double().reshape(-1))
+        self.experts.append(experts_N.detach().long().reshape(-1))
+
+    def compute(self) -> dict[str, Tensor]:
+        if isinstance(self.weights, list) and not self.weights:
+            raise ValueError("no (weight, norm) pairs were recorded; update the metric first.")
+        # Lists of per-update tensors before a DDP sync, one gathered tensor after it.
+        w, y, e = dim_zero_cat(self.weights), dim_zero_cat(self.norms), dim_zero_cat(self.experts)
+        z, keep = zscore_per_group(y, e)
+        w, z = w[keep], z[keep]
+        if w.numel() < 2:
+            nan = torch.tensor(float("nan"), dtype=torch.float64)
+            return {"spearman": nan, "decile_means": nan.repeat(10)}
+        decile = (rankdata(w) - 1).mul(10 / w.numel()).long().clamp_max(9)
+        sums = torch.zeros(10, dtype=torch.float64, device=z.device).index_add_(0, decile, z)
+        counts = torch.bincount(decile, minlength=10).double()
+        return {"spearman": spearman(w, z), "decile_means": sums / counts}

@@ -1,0 +1,73 @@
+"""``lightning-moe study run|report <study folder>``: run a study's grid and write its report.
+
+Exit status: 0 when every run finished (claims that fail are results, not errors), 1 when a run failed or a
+condition was rejected (the report is still written), 2 when the study file or the command is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_moe.studies.spec import StudyError, load_study, plan_runs
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``study run`` and ``study report`` with their shared options."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-moe study",
+        description="Run every condition x seed of a study (resumable, in parallel) and write its report.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("study", help="study folder (containing study.yaml) or the study file")
+    common.add_argument("--smoke", action="store_true",
+                        help="apply the study's smoke block; runs and report go to <out>/smoke/")
+    common.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
+    common.add_argument("--conditions", nargs="+", help="only these conditions")
+    common.add_argument("--out", help="output folder (default: runs/studies/<study name>)")
+    run = sub.add_parser("run", parents=[common], help="run what is not finished yet, then write the report")
+    run.add_argument("--workers", type=int, help="parallel runs (default: one per usable CPU core / --threads)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the runs and their commands and validate the overrides; train nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("report", parents=[common], help="rebuild the report from the finished runs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-moe study``; returns the exit status."""
+    from lightning_moe.studies.report import write_report
+    from lightning_moe.studies.runner import StudyPaths, run_study, validate_plans
+
+    args = _parser().parse_args(argv)
+    try:
+        study = load_study(args.study)
+        plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
+        paths = StudyPaths.of(study, args.out, args.smoke)
+        if args.action == "run" and args.dry_run:
+            for p in plans:
+                print(f"{p.run_id}: lightning-moe {shlex.join(p.cli_args(Path.cwd()))}")
+            return 1 if validate_plans(study, plans, paths, args.threads) else 0
+        summary = None
+        if args.action == "run":
+            summary = run_study(
+                study, smoke=args.smoke, workers=args.workers, threads=args.threads, seeds=args.seeds,
+                conditions=args.conditions, out=args.out, progress=not args.no_progress,
+            )
+        report = write_report(study, plans, paths, args.smoke)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130  # the conventional status of a command stopped by Ctrl-C; the runner said what was kept
+    print(f"report: {report}", file=sys.stderr)
+    if summary is not None and not summary.ok:
+        print(f"{len(summary.failed)} run(s) failed and {len(summary.invalid)} were rejected; see the report's "
+              f"Problems section.", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,356 @@
+"""A study's report: per condition mean ± std over seeds beside the paper's number, every claim with its verdict and
+the numbers that decide it, plots, the hardware and the wall time, rebuilt from the rows file alone.
+
+The full report is ``REPORT.md`` (plots in ``plots/``) next to the study file; a smoke report goes to the smoke
+output folder instead and says on its first lines that it is a smoke run, so it never replaces the full report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_moe.studies.claims import Lookup, evaluate, seed_agreement
+from lightning_moe.studies.runner import StudyPaths, read_rows
+from lightning_moe.studies.spec import PaperValue, RunPlan, Study, StudyError
+
+REPORT_FILE = "REPORT.md"
+PLOTS_DIR = "plots"
+_DASH = "—"
+
+
+@dataclass(frozen=True)
+class Results:
+    """The rows that belong to the current plan: ``ok`` (finished, same fingerprint) and ``problems`` (the latest
+    failed or rejected row of each run that has no good one), plus the planned runs with no row at all."""
+
+    plans: tuple[RunPlan, ...]
+    ok: dict[str, dict[str, Any]]
+    problems: dict[str, dict[str, Any]]
+    missing: tuple[str, ...]
+
+    @classmethod
+    def of(cls, plans: Sequence[RunPlan], rows: Sequence[Mapping[str, Any]]) -> Results:
+        """Sort ``rows`` (oldest first) against ``plans``; rows of other runs or older fingerprints are ignored."""
+        good: dict[str, dict[str, Any]] = {}
+        bad: dict[str, dict[str, Any]] = {}
+        fingerprints = {p.run_id: p.fingerprint for p in plans}
+        for r in rows:  # oldest first, so later rows replace earlier ones
+            rid = r.get("run_id")
+            if rid not in fingerprints or r.get("fingerprint") != fingerprints[rid]:
+                continue
+            if r.get("status") == "ok":
+                good[rid] = dict(r)
+                bad.pop(rid, None)
+            elif rid not in good:
+                bad[rid] = dict(r)
+        missing = tuple(p.run_id for p in plans if p.run_id not in good and p.run_id not in bad)
+        return cls(tuple(plans), good, bad, missing)
+
+    def values(self, condition: str, metric: str) -> dict[int, float]:
+        """seed -> the metric's final value, over the finished runs of ``condition`` that logged it."""
+        return {
+            r["seed"]: float(r["metrics"][metric]) for r in self.ok.values()
+            if r["condition"] == condition and metric in r["metrics"]
+        }
+
+    def seeds(self) -> list[int]:
+        """The planned seeds, sorted."""
+        return sorted({p.seed for p in self.plans})
+
+    def conditions(self) -> list[str]:
+        """The planned conditions, in study order."""
+        return list(dict.fromkeys(p.condition for p in self.plans))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (n - 1); std is None below two values, both None for none."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _num(x: float) -> str:
+    """Four significant digits."""
+    return f"{x:.4g}"
+
+
+def _mean_std_text(mean: float | None, std: float | None) -> str:
+    """``mean ± std``, the mean alone for one seed, a dash for none."""
+    if mean is None:
+        return _DASH
+    # Two significant digits of spread are all that two to five seeds can support.
+    return _num(mean) if std is None or math.isnan(std) else f"{_num(mean)} ± {std:.2g}"
+
+
+def _paper_text(value: PaperValue | None) -> str:
+    """The paper's number as the report shows it."""
+    return _DASH if value is None else _mean_std_text(value.mean, value.std)
+
+
+def _cell(text: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
+
+
+def _code(overrides: Mapping[str, Any]) -> str:
+    """Overrides as inline code, ``key=value`` each."""
+    if not overrides:
+        return "(base config)"
+    return ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v)}`" for k, v in overrides.items())
+
+
+def _ours(results: Results) -> Lookup:
+    """Claim lookup: our mean over the finished seeds."""
+    def lookup(condition: str, metric: str) -> float | None:
+        return mean_std(list(results.values(condition, metric).values()))[0]
+
+    return lookup
+
+
+def _paper(study: Study) -> Lookup:
+    """Claim lookup: the paper's number."""
+    def lookup(condition: str, metric: str) -> float | None:
+        value = study.paper_value(condition, metric)
+        return None if value is None else value.mean
+
+    return lookup
+
+
+def _one_seed(results: Results, seed: int) -> Lookup:
+    """Claim lookup: one seed's own number."""
+    def lookup(condition: str, metric: str) -> float | None:
+        return results.values(condition, metric).get(seed)
+
+    return lookup
+
+
+def _slug(metric: str) -> str:
+    """A file-name-safe form of a metric key (``val/loss`` -> ``val_loss``)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in metric).strip("_")
+
+
+def plot_metric(study: Study, results: Results, metric: str, path: Path) -> bool:
+    """One PNG: each condition's seeds (dots), mean ± std (bar) and the paper's number (red diamond, with its std
+    where the paper gives one). False when there is nothing to plot. Uses matplotlib's object API, so no global
+    pyplot state or backend is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    conditions = results.conditions()
+    per = [results.values(c, metric) for c in conditions]
+    if not any(per):
+        return False
+    fig = Figure(figsize=(max(4.0, 0.8 * len(conditions) + 2.0), 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    label = "ours, one seed"  # on the first condition with values only, so the legend lists it once
+    for i, vals in enumerate(per):
+        if vals:
+            ax.scatter([i] * len(vals), list(vals.values()), s=12, color="0.35", zorder=3, label=label)
+            label = None
+    stats = [mean_std(list(v.values())) for v in per]
+    xs = [i for i, (m, _) in enumerate(stats) if m is not None]
+    ax.errorbar(xs, [stats[i][0] for i in xs], yerr=[stats[i][1] or 0.0 for i in xs], fmt="_", markersize=18,
+                capsize=4, color="tab:blue", zorder=4, label="ours, mean ± std")
+    paper = [(i, v.mean, v.std or 0.0) for i, c in enumerate(conditions)
+             if (v := study.paper_value(c, metric)) is not None]
+    if paper:
+        xs_p, ys_p, err_p = zip(*paper)
+        ax.errorbar(xs_p, ys_p, yerr=err_p, fmt="D", color="tab:red", capsize=3, zorder=5, label="paper")
+    ax.set_xticks(range(len(conditions)), conditions, rotation=30 if len(conditions) > 3 else 0,
+                  ha="right" if len(conditions) > 3 else "center")
+    ax.set_xlim(-0.6, len(conditions) - 0.4)
+    ax.set_ylabel(metric)
+    ax.set_title(textwrap.fill(study.metrics[metric], 45), fontsize=10)  # tight_layout does not shrink titles
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _hardware_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per distinct machine and worker setting the finished runs ran with."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        hw = r.get("hardware") or {}
+        key = json.dumps([hw, r.get("workers"), r.get("threads")], sort_keys=True)
+        seen.setdefault(key, r)
+    lines = []
+    for r in seen.values():
+        hw = r.get("hardware") or {}
+        accel = f", {hw['accelerator']}" if hw.get("accelerator") else ""
+        lines.append(
+            f"- {hw.get('cpu', '?')}, {hw.get('cores', '?')} cores ({hw.get('usable_cores', '?')} usable){accel}; "
+            f"{hw.get('system', '?')}, Python {hw.get('python', '?')}, torch {hw.get('torch', '?')}, "
+            f"lightning {hw.get('lightning', '?')}; {r.get('workers', '?')} parallel run(s) x "
+            f"{r.get('threads', '?')} torch thread(s)"
+        )
+    return lines or ["- (no finished runs)"]
+
+
+def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Summed run time and first-start-to-last-finish span."""
+    if not rows:
+        return []
+    total = sum(r.get("wall_s", 0.0) for r in rows)
+    starts = [dt.datetime.fromisoformat(r["started"]) for r in rows if r.get("started")]
+    ends = [dt.datetime.fromisoformat(r["finished"]) for r in rows if r.get("finished")]
+    lines = [f"- total wall time of the runs: {total:,.0f} s ({total / 60:.1f} min, summed over runs)"]
+    if starts and ends:
+        span = (max(ends) - min(starts)).total_seconds()
+        lines.append(f"- first start to last finish: {span:,.0f} s ({span / 60:.1f} min; includes any pauses "
+                     f"between resumed invocations)")
+    return lines
+
+
+def render(
+    study: Study, results: Results, smoke: bool, out_dir: str, plots: Mapping[str, str], plot_note: str = "",
+) -> str:
+    """The report's Markdown; ``out_dir`` is the output folder and ``plots`` maps metric -> image path, both
+    relative to the report."""
+    ok_rows = list(results.ok.values())
+    seeds = results.seeds()
+    out = [f"# {study.title}", ""]
+    if smoke:
+        out += [
+            "> **SMOKE RUN.** Every run was scaled down by the study's `smoke` overrides to test the pipeline. "
+            "These numbers are not results and say nothing about the paper's claims.", "",
+        ]
+    if study.description:
+        out += [study.description.strip(), ""]
+    out += [
+        f"Study `{study.name}`: {len(results.conditions())} condition(s) x {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}) = {len(results.plans)} runs; {len(results.ok)} finished, "
+        f"{len(results.problems)} failed or rejected, {len(results.missing)} not run yet.",
+        f"Paper numbers: {study.reference or 'none (this is not a paper study)'}.",
+        "Claims are checked as written in the study file; a claim that does not hold at our scale is reported as "
+        "failing, with its numbers. Nothing was tuned to make a claim pass.",
+        "", "## Conditions", "",
+    ]
+    shown = [c for c in study.conditions if c.name in results.conditions()]
+    described = any(c.description for c in shown)
+    out += _table(["condition", "overrides (on top of the base config)"] + (["description"] if described else []),
+                  [[c.name, _code(c.overrides)] + ([c.description] if described else []) for c in shown])
+    extra = [f"every condition also gets {_code(study.overrides)}"] if study.overrides else []
+    if smoke:
+        extra.append(f"for this smoke run {_code(study.smoke_overrides)}")
+    out += ["", f"Base config(s): {', '.join(f'`{os.path.relpath(b, study.dir)}`' for b in study.base)}"
+            + "".join(f"; {e}" for e in extra) + ".", ""]
+
+    out += ["## Results", "", "Final logged value of each metric: mean ± std (sample std) over the finished seeds; "
+            f"`paper` is the paper's number for the same condition ({_DASH} = the paper gives none).", ""]
+    header = ["condition", "n"]
+    for m in study.metrics:
+        header += [m, "paper"]
+    table = []
+    for c in results.conditions():
+        n = sum(1 for r in ok_rows if r["condition"] == c)
+        row: list[Any] = [c, n]
+        for m in study.metrics:
+            row += [_mean_std_text(*mean_std(list(results.values(c, m).values()))),
+                    _paper_text(study.paper_value(c, m))]
+        table.append(row)
+    out += _table(header, table)
+    out += ["", "Metrics: " + "; ".join(f"`{k}` = {v}" for k, v in study.metrics.items()) + ".", ""]
+    not_logged = [(c, m) for c in results.conditions() for m in study.metrics
+                  if any(r["condition"] == c for r in ok_rows) and not results.values(c, m)]
+    if not_logged:
+        out += ["Not logged by any finished run: " + ", ".join(f"{c} `{m}`" for c, m in not_logged) + ".", ""]
+
+    out += ["## Claims", ""]
+    if not study.claims:
+        out += ["The study states no claims.", ""]
+    else:
+        verdicts = []
+        for claim in study.claims:
+            ours = evaluate(claim, _ours(results))
+            holds, decided = seed_agreement(claim, seeds, lambda s: _one_seed(results, s))
+            paper = evaluate(claim, _paper(study))
+            verdicts.append((claim, ours, f"{holds}/{decided}", paper))
+        counts = {s: sum(v[1].status == s for v in verdicts) for s in ("holds", "fails", "n/a")}
+        out += [f"{counts['holds']} hold, {counts['fails']} fail, {counts['n/a']} cannot be decided (a number is "
+                "missing). Verdicts use the means over seeds; `seeds` counts the seeds in which the claim holds on "
+                "that seed's own numbers; `paper` checks the same claim on the paper's numbers.", ""]
+        out += _table(
+            ["claim", "verdict", "deciding numbers (ours)", "seeds", "paper"],
+            [(c.name + (f" ({c.note})" if c.note else ""), f"**{'FAILS' if o.status == 'fails' else o.status}**",
+              o.detail, s, p.status if p.status == "n/a" else f"{p.status}: {p.detail}")
+             for c, o, s, p in verdicts],
+        )
+        out.append("")
+
+    if plots or plot_note:
+        out += ["## Plots", ""]
+        out += [f"![{m}]({p})" for m, p in plots.items()]
+        out += ([plot_note] if plot_note else []) + [""]
+
+    problems = list(results.problems.values())
+    if problems or results.missing:
+        out += ["## Problems", ""]
+        if problems:
+            out += _table(["run", "status", "error", "overrides", "log"],
+                          [(r["run_id"], r["status"], r.get("error") or "", _code(r.get("overrides", {})),
+                            r.get("log", "")) for r in problems])
+            out.append("")
+        if results.missing:
+            out += [f"Not run yet: {', '.join(results.missing)}.", ""]
+
+    where = "this folder" if out_dir == "." else f"the output folder `{out_dir}`"
+    out += ["## Runs", "", f"Logs, resolved configs and the rows file are in {where}; log paths are relative to it.",
+            ""]
+    header = ["run", "seed", "wall s", "steps"] + list(study.metrics) + ["log"]
+    rows = [[r["run_id"], r["seed"], f"{r.get('wall_s', 0):.1f}", r.get("global_step", "")]
+            + [_num(r["metrics"][m]) if m in r["metrics"] else _DASH for m in study.metrics] + [r.get("log", "")]
+            for r in sorted(ok_rows, key=lambda r: (results.conditions().index(r["condition"]), r["seed"]))]
+    out += _table(header, rows)
+    out += ["", "## Hardware and time", ""] + _hardware_lines(ok_rows) + _wall_lines(ok_rows)
+    out += ["", f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+            f"`lightning-moe study report{' --smoke' if smoke else ''}` from the rows file._", ""]
+    return "\n".join(out)
+
+
+def write_report(
+    study: Study, plans: Sequence[RunPlan], paths: StudyPaths, smoke: bool = False,
+) -> Path:
+    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return the report's path."""
+    rows = read_rows(paths.rows)
+    if not rows:
+        raise StudyError(
+            f"no runs recorded in {paths.rows}; run `lightning-moe study run{' --smoke' if smoke else ''}` first "
+            f"(or pass the --out folder the runs were written to)."
+        )
+    results = Results.of(plans, rows)
+    report_dir = paths.root if smoke else study.dir
+    report = report_dir / REPORT_FILE
+    plots: dict[str, str] = {}
+    note = ""
+    try:
+        import matplotlib  # noqa: F401  (optional: the `plots` extra)
+    except ImportError:
+        note = "Plots skipped: matplotlib is not installed (`pip install lightning-moe[plots]`)."
+    else:
+        for metric in study.metrics:
+            path = report_dir / PLOTS_DIR / f"{_slug(metric)}.png"
+            if plot_metric(study, results, metric, path):
+                plots[metric] = path.relative_to(report_dir).as_posix()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(os.path.relpath(paths.root.resolve(), report_dir.resolve())).as_posix()
+    report.write_text(render(study, results, smoke, out_dir, plots, note))
+    return report
