@@ -15,6 +15,10 @@ from lightning_moe.gating.softmax_topk import SoftmaxTopK
 from lightning_moe.utils import check_non_negative, check_positive_int
 
 
+class NonFiniteRoutingError(ValueError):
+    """Router scores contain NaN or inf; the message names the layer (and the step, when raised in training)."""
+
+
 class DenseFFN(nn.Module):
     """A dense FFN with the same activation conventions as the experts (used for the shared expert and dense
     layers)."""
@@ -84,7 +88,7 @@ class MoELayer(nn.Module):
     def aux_loss(self) -> Tensor:
         """Sum of the weighted auxiliary losses of the last forward (0 when there are none)."""
         if not self.aux_losses:
-            return torch.zeros((), device=self.experts.mlp.w1.device)
+            return torch.zeros((), dtype=torch.float32, device=self.experts.mlp.w1.device)
         return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +107,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(-1, self.d_model)
         routing = self.router(x_BSD)
         if not torch.isfinite(routing.scores_TE).all():
-            raise ValueError(
+            raise NonFiniteRoutingError(
                 f"{self.name}: non-finite router scores (NaN/inf in the layer input or router weights); "
                 "lower the learning rate, add gradient clipping, or check the data."
             )

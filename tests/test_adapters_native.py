@@ -90,3 +90,10 @@ def test_kept_slots_combine_slot_and_token_masks():
     keep_TK = event.kept_TK(torch.tensor([True, True, False]))
     assert keep_TK.tolist() == [[True, False], [False, False], [False, False]]
     assert event.kept_T().tolist() == [True, False, True]
+
+
+def test_centroid_routers_report_their_centroids_not_their_accumulators():
+    from lightning_moe.gating import KMeansRouter
+
+    layer = MoELayer(8, 16, 4, 2, router=KMeansRouter())
+    assert MoELayerTap("ffn", layer).router_weight_ED() is layer.router.centroids_ED

@@ -79,6 +79,12 @@ def test_logged_metric_keys(fitted):
     assert logged == expected_keys()
 
 
+def test_validation_values_reach_callback_metrics(fitted):
+    t, callbacks, _ = fitted
+    val = {k for cb in callbacks for k in cb.logged if k.startswith("val/")}
+    assert val and val <= set(t.callback_metrics)
+
+
 def test_metrics_reach_the_trainers_logger(fitted):
     t, _, _ = fitted
     with open(f"{t.logger.log_dir}/metrics.csv") as f:

@@ -91,3 +91,18 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_router(tmp_path):
     assert isinstance(router, SigmoidTopK) and router.bias_update_rate == 0.01
     for (name, a), b in zip(module.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_nan_in_routing_stops_training_with_layer_and_step(tmp_path):
+    module = MoELanguageModel(**TINY)
+
+    class PoisonAtStep2(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    moe_layers(pl_module.model)[1].router.layer.weight.fill_(float("nan"))
+
+    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, callbacks=[PoisonAtStep2()])
+    with pytest.raises(ValueError, match=r"global step 2, blocks.1.ffn: non-finite router scores"):
+        trainer.fit(module, datamodule=TinyLMData())

@@ -90,9 +90,10 @@ class Tap:
 
 
 def find_rows_ED(module: nn.Module, num_experts: int, d_model: int) -> Tensor | None:
-    """The first parameter (then buffer) of ``module`` shaped ``[E, D]``: a linear router's weight or a
-    centroid router's centroids, whatever the attribute is called."""
-    for _, t in (*module.named_parameters(), *module.named_buffers()):
-        if t.shape == (num_experts, d_model):
-            return t
-    return None
+    """A router's expert rows: ``module.layer.weight`` (the linear-router convention of MegaBlocks and ours), else
+    the first parameter or persistent buffer shaped ``[E, D]`` (e.g. K-Means centroids). Non-persistent buffers
+    are per-step accumulators, not rows, so they are skipped (``state_dict`` leaves them out)."""
+    layer = getattr(module, "layer", None)
+    if isinstance(layer, nn.Linear) and layer.weight.shape == (num_experts, d_model):
+        return layer.weight
+    return next((t for t in module.state_dict(keep_vars=True).values() if t.shape == (num_experts, d_model)), None)

@@ -95,7 +95,7 @@ class RouterGeometryMonitor(RoutingMonitor):
         with torch.no_grad():
             norms_N = projection_norms_N(event.x_TD[token_N], experts_N, weight_EFD)
         weights_N = event.weights_TK[tokens_M][pair_MK]
-        self.metric(stage, event.layer, "coupling").update(weights_N, norms_N, experts_N)
+        self.update_metric(stage, event.layer, "coupling", weights_N, norms_N, experts_N)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -48,7 +48,7 @@ class LoadBalanceMonitor(RoutingMonitor):
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         keep_TK = event.kept_TK(self.batch_mask_T(event, batch))
         experts_N = event.experts_TK.reshape(-1) if keep_TK is None else event.experts_TK[keep_TK]
-        self.metric(stage, event.layer, "load").update(experts_N)
+        self.update_metric(stage, event.layer, "load", experts_N)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

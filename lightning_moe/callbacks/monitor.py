@@ -68,6 +68,7 @@ class RoutingMonitor(pl.Callback):
         self.metrics: dict[str, Metric] = {}  # "<stage>/<layer>/<kind>" -> metric
         self.last_logged_step = -1
         self.logged: dict[str, float] = {}  # the last value logged under each key
+        self.updated: set[str] = set()  # metric keys with data since their last reset
         self._events: dict[str, RoutingEvent] = {}
         self._pending_state: dict[str, Any] | None = None
         self._warned_no_matplotlib = False
@@ -110,7 +111,14 @@ class RoutingMonitor(pl.Callback):
 
     def add_metric(self, layer: str, kind: str, factory, stages: Sequence[Stage] = ("train", "val")) -> None:
         for stage in stages:
-            self.metrics[f"{stage}/{layer}/{kind}"] = factory()
+            metric = factory()
+            metric.persistent(True)  # its states go into state_dict(), hence into the callback's checkpoint state
+            self.metrics[f"{stage}/{layer}/{kind}"] = metric
+
+    def update_metric(self, stage: Stage, layer: str, kind: str, *args: Any) -> None:
+        key = f"{stage}/{layer}/{kind}"
+        self.metrics[key].update(*args)
+        self.updated.add(key)
 
     def batch_field(self, batch: Any, key: str, event: RoutingEvent) -> Tensor:
         """``batch[key]`` as one value per token of ``event``; errors name the key, the value and the fix."""
@@ -187,24 +195,31 @@ class RoutingMonitor(pl.Callback):
                 self._to_device(event.experts_TK.device)
                 self._observe(stage, event, batch, logging_now)
 
-    def _log(self, trainer: pl.Trainer, stage: Stage) -> None:
+    def _log(self, trainer: pl.Trainer, stage: Stage, pl_module: pl.LightningModule | None = None) -> None:
         values = self._compute(stage)  # collective under DDP: every rank computes
         for key, m in self.metrics.items():
             if key.startswith(stage + "/"):
                 m.reset()
+                self.updated.discard(key)
         if not values:
             return
         metrics = {f"{stage}/{k}": float(v) for k, v in values.items()}
         self.logged.update(metrics)
-        # Straight to the loggers (rank zero; values are already reduced over ranks): ``self.log`` costs ~0.2 ms
+        if pl_module is not None:
+            # Validation values, once per validation run, go through ``log_dict`` so they reach
+            # ``trainer.callback_metrics``: checkpoint/early-stopping monitors and study reports can use them.
+            # They are already reduced over ranks, hence no sync_dist.
+            pl_module.log_dict(metrics)
+            return
+        # Training values go straight to the loggers (rank zero; values are already reduced over ranks): ``self.log`` costs ~0.2 ms
         # per key, a few hundred keys per logging step here, and would drop values off the Trainer's
         # ``log_every_n_steps`` grid.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _has_data(self, stage: Stage, kind: str) -> list[str]:
-        """Layers whose ``kind`` metric of ``stage`` has been updated since its last reset."""
-        return [layer for layer in self.taps if self.metric(stage, layer, kind).update_count > 0]
+        """Layers whose ``kind`` metric of ``stage`` has been updated since its last reset (or holds restored data)."""
+        return [layer for layer in self.taps if f"{stage}/{layer}/{kind}" in self.updated]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._events.clear()
@@ -231,14 +246,18 @@ class RoutingMonitor(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self._log(trainer, "val")
+        self._log(trainer, "val", pl_module)
         self._save_plots(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_plots(trainer)
 
     def _save_plots(self, trainer: pl.Trainer) -> None:
-        if not self.plots or not trainer.is_global_zero:
+        if not self.plots:
+            return
+        # ``trainer.log_dir`` broadcasts from rank zero under DDP: every rank must ask, only rank zero draws.
+        directory = plot_directory(trainer)
+        if not trainer.is_global_zero:
             return
         if not matplotlib_available():
             if not self._warned_no_matplotlib:
@@ -248,7 +267,7 @@ class RoutingMonitor(pl.Callback):
                 )
                 self._warned_no_matplotlib = True
             return
-        self._plot(plot_directory(trainer))
+        self._plot(directory)
 
     def save_figure(self, fig, directory: Path, stem: str) -> Path:
         return save(fig, directory / f"{self.name}_{stem}.png")
@@ -256,10 +275,8 @@ class RoutingMonitor(pl.Callback):
     # ------------------------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "metrics": {
-                key: {name: _map_state(v, lambda t: t.detach().cpu().clone()) for name, v in m.metric_state.items()}
-                for key, m in self.metrics.items()
-            },
+            "metrics": {key: _map_states(m.state_dict(), lambda t: t.cpu()) for key, m in self.metrics.items()},
+            "updated": sorted(self.updated),
             "last_logged_step": self.last_logged_step,
             "extra": self._extra_state(),
         }
@@ -279,15 +296,14 @@ class RoutingMonitor(pl.Callback):
                 "(a different model or `layers` choice?); that state is dropped."
             )
         for key, saved in state["metrics"].items():
-            if key not in self.metrics:
-                continue
-            m = self.metrics[key]
-            m.reset()
-            m.merge_state({k: _map_state(v, lambda t, d=m.device: t.to(d)) for k, v in saved.items()})
+            if key in self.metrics:
+                m = self.metrics[key]
+                m.load_state_dict(_map_states(saved, lambda t, d=m.device: t.to(d)))
+        self.updated = {key for key in state["updated"] if key in self.metrics}
         self.last_logged_step = state["last_logged_step"]
         self._load_extra_state(state["extra"])
 
 
-def _map_state(value: Tensor | list[Tensor], fn) -> Tensor | list[Tensor]:
-    """Apply ``fn`` to a metric state: a tensor, or the list of tensors of a ``cat`` state."""
-    return [fn(t) for t in value] if isinstance(value, list) else fn(value)
+def _map_states(states: dict[str, Any], fn) -> dict[str, Any]:
+    """Apply ``fn`` to every tensor of a metric's state dict (a ``cat`` state is a list of tensors)."""
+    return {k: [fn(t) for t in v] if isinstance(v, list) else fn(v) for k, v in states.items()}

@@ -1,4 +1,6 @@
-"""Figure helpers for the monitors (legend: R rows, C columns of a plotted matrix). matplotlib is optional and imported only here, lazily; figures are built
+"""Figure helpers for the monitors (legend: R rows, C columns of a plotted matrix).
+
+matplotlib is optional and imported only here, lazily; figures are built
 with ``matplotlib.figure.Figure`` (no pyplot), so no global backend or figure registry is touched."""
 
 from __future__ import annotations

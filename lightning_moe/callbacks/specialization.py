@@ -86,10 +86,10 @@ class SpecializationMonitor(RoutingMonitor):
         labels_T = self.masked_labels(batch, self.label_key, event).reshape(-1)
         top1_T = event.top1_experts_T()
         mass_TE = event.routing_mass_TE(self.tap_of(event).num_experts)
-        self.metric(stage, event.layer, "label").update(labels_T, event.experts_TK, top1_T, mass_TE, event.mask_TK)
+        self.update_metric(stage, event.layer, "label", labels_T, event.experts_TK, top1_T, mass_TE, event.mask_TK)
         if self.token_key is not None:
             tokens_T = self.masked_labels(batch, self.token_key, event).reshape(-1)
-            self.metric(stage, event.layer, "token").update(tokens_T, top1_T)
+            self.update_metric(stage, event.layer, "token", tokens_T, top1_T)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

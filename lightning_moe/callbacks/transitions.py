@@ -73,7 +73,7 @@ class TransitionMonitor(RoutingMonitor):
                 f"sequences, got shape {tuple(labels.shape)}."
             )
         mass_TE = event.routing_mass_TE(self.tap_of(event).num_experts)
-        self.metric(stage, event.layer, "transition").update(labels, mass_TE)
+        self.update_metric(stage, event.layer, "transition", labels, mass_TE)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -14,7 +14,7 @@ def _balance_loss_per_group(scores_BSE: Tensor, experts_BSK: Tensor) -> Tensor:
     B, S, K = experts_BSK.shape
     E = scores_BSE.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=torch.float32, device=scores_BSE.device)
-    counts_BE.scatter_add_(1, experts_BSK.reshape(B, S * K), torch.ones(B, S * K, device=scores_BSE.device))
+    counts_BE.scatter_add_(1, experts_BSK.reshape(B, S * K), torch.ones(B, S * K, dtype=torch.float32, device=scores_BSE.device))
     f_BE = counts_BE / (K * S)
     P_BE = scores_BSE.float().mean(dim=1)
     return E * torch.sum(f_BE * P_BE, dim=-1)

@@ -214,7 +214,7 @@ class TransitionRouter(SoftmaxTopK):
         if not self.precision:
             return
         T, E = routing.experts_TK.shape[0], self.num_experts
-        weights_TE = torch.zeros(T, E, device=error_T.device).scatter_add_(
+        weights_TE = torch.zeros(T, E, dtype=torch.float32, device=error_T.device).scatter_add_(
             1, routing.experts_TK, routing.weights_TK.detach().float()
         )
         self.pending_error_E += weights_TE.T @ error_T.float()

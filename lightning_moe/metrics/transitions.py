@@ -1,7 +1,7 @@
 """Routing around labelled domain switches (transitions spec §2, §4, §7.5).
 
 Legend: B batch, S sequence, T = B*S tokens, E experts, C domain labels, W window, O = 2W+1 offsets,
-N switches in a batch.
+N switches in a batch, X packed state columns.
 
 A *switch* is a position s with label[s-1] != label[s] (both labels >= 0). Offset o is the position s+o
 relative to it, counted only while it stays inside the outgoing run (o < 0) or the incoming run (o >= 0), so a
@@ -121,8 +121,9 @@ class TransitionRouting(Metric):
         B, S = labels_BS.shape
         C, E, W = self.num_labels, self.num_experts, self.window
         mass_TE = mass_TE.detach().float()
-        ones_T1 = mass_TE.new_ones(B * S, 1)
-        self.label_CX += row_sums_RE(labels_BS, torch.cat([mass_TE, ones_T1], dim=1), C)
+        labels_T = labels_BS.reshape(-1)
+        self.label_CX[:, :E] += row_sums_RE(labels_T, mass_TE, C)
+        self.label_CX[:, E] += torch.bincount(labels_T.masked_fill(labels_T < 0, C), minlength=C + 1)[:C]
 
         prev_BS1, next_BS1 = labels_BS[:, :-1], labels_BS[:, 1:]
         b_N, s_N = ((next_BS1 != prev_BS1) & (next_BS1 >= 0) & (prev_BS1 >= 0)).nonzero(as_tuple=True)
@@ -130,16 +131,17 @@ class TransitionRouting(Metric):
             return
         s_N = s_N + 1  # first position of the incoming domain
         offsets_O = torch.arange(-W, W + 1, device=labels_BS.device)
-        pos_NO = (s_N[:, None] + offsets_O).clamp(0, S - 1)
+        pos_NO = s_N[:, None] + offsets_O
+        inside_NO = (pos_NO >= 0) & (pos_NO < S)
+        pos_NO = pos_NO.clamp(0, S - 1)
         # Offset o counts while every label from the switch out to s+o is the outgoing (o < 0) or the incoming
         # (o >= 0) domain: in range, same label, and (cumulative product) no other switch in between.
         new_N = labels_BS[b_N, s_N]
         expect_NO = torch.where(offsets_O < 0, labels_BS[b_N, s_N - 1][:, None], new_N[:, None])
-        pos_NO_raw = s_N[:, None] + offsets_O
-        same_NO = (labels_BS[b_N[:, None], pos_NO] == expect_NO) & (pos_NO_raw >= 0) & (pos_NO_raw < S)
+        same_NO = (labels_BS[b_N[:, None], pos_NO] == expect_NO) & inside_NO
         ok_NO = torch.cat([same_NO[:, :W].flip(1).cumprod(1).flip(1), same_NO[:, W:].cumprod(1)], dim=1).bool()
 
-        m_NOE = mass_TE.view(B, S, E)[b_N[:, None], pos_NO]
+        m_NOE = mass_TE.reshape(B, S, E)[b_N[:, None], pos_NO]
         top1_NOE = torch.zeros_like(m_NOE).scatter_(2, m_NOE.argmax(-1, keepdim=True), 1.0)
         coverage_NO1 = mass_coverage_T(m_NOE).unsqueeze(-1).float()
         values_NOX = torch.cat([m_NOE, top1_NOE, torch.ones_like(coverage_NO1), coverage_NO1], dim=2)

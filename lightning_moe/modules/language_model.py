@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
-from lightning_moe.layers import feed_back_errors, moe_layers, update_router_states
+from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.utils import check_non_negative, check_positive
@@ -93,7 +93,11 @@ class MoELanguageModel(pl.LightningModule):
         for key in ("tokens", "labels"):
             if key not in batch:
                 raise ValueError(f"batch is missing {key!r}; a language-model batch needs 'tokens' and 'labels'.")
-        logits = self.model(batch["tokens"])
+        try:
+            logits = self.model(batch["tokens"])
+        except NonFiniteRoutingError as e:
+            # Stop with where and when it happened, not a later opaque error from NaN weights.
+            raise NonFiniteRoutingError(f"global step {self.global_step}, {e}") from e
         # fp32 cross-entropy: a bf16 log-softmax over the vocabulary is off by ~1e-2 nats.
         ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction=reduction)
         return ce.view(batch["labels"].shape) if reduction == "none" else ce
