@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_moe import MoELayer
 from lightning_moe.gating import Routing, SoftmaxTopK, TransitionRouter

@@ -3,7 +3,6 @@ verdicts, and resuming after a kill redoes only the run that had not been record
 mistyped condition are reported and the rest continues."""
 
 import json
-import os
 import shutil
 import textwrap
 

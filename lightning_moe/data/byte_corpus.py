@@ -13,12 +13,10 @@ from __future__ import annotations
 import os
 import sysconfig
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_moe.data.windows import TokenWindows, check_loader_args, split_generator
+from lightning_moe.data.windows import TokenWindows, WindowDataModule, check_loader_args, split_generator
 from lightning_moe.utils import check_positive
 
 DOMAINS: tuple[str, ...] = ("code", "prose")
@@ -70,7 +68,7 @@ def build_byte_corpus(bytes_per_domain: int, val_fraction: float, seed: int) -> 
     return out
 
 
-class ByteCorpusDataModule(pl.LightningDataModule):
+class ByteCorpusDataModule(WindowDataModule):
     """Byte-level code/prose corpus (vocabulary 256) with per-token domain labels; needs no download.
 
     Args:
@@ -107,10 +105,3 @@ class ByteCorpusDataModule(pl.LightningDataModule):
         if not self.splits:
             corpus = build_byte_corpus(self.bytes_per_domain, self.val_fraction, self.seed)
             self.splits = {k: TokenWindows(t, self.seq_len, d) for k, (t, d) in corpus.items()}
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=split_generator(self.seed), drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], self.batch_size, num_workers=self.num_workers)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from lightning_moe.data.windows import TokenWindows, check_loader_args, split_generator
+from lightning_moe.data.windows import TokenWindows, WindowDataModule, check_loader_args, split_generator
 from lightning_moe.utils import check_positive
 
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -24,7 +22,7 @@ def _require(module: str):
         raise ImportError(f"TextDataModule needs `{module}`: pip install 'lightning-moe[text]'.") from e
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(WindowDataModule):
     """Next-token windows over your own text, with a trained or loaded ``tokenizers`` tokenizer.
 
     Args:
@@ -125,10 +123,3 @@ class TextDataModule(pl.LightningDataModule):
             for enc in self.tokenizer.encode_batch(docs):
                 ids += enc.ids + ([eos] if eos is not None else [])
             self.splits[split] = TokenWindows(torch.tensor(ids, dtype=torch.int32), self.seq_len)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=split_generator(self.seed), drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], self.batch_size, num_workers=self.num_workers)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class TokenWindows(Dataset):
@@ -41,3 +42,20 @@ def check_loader_args(seq_len: int, batch_size: int, num_workers: int) -> None:
 
 def split_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+class WindowDataModule(pl.LightningDataModule):
+    """Loaders over ``self.splits`` (``"train"``/``"val"`` :class:`TokenWindows`), filled by a subclass's ``setup``."""
+
+    seq_len: int
+    batch_size: int
+    num_workers: int
+    seed: int
+    splits: dict[str, TokenWindows]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["train"], self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          generator=split_generator(self.seed), drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["val"], self.batch_size, num_workers=self.num_workers)
