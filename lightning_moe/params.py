@@ -64,6 +64,14 @@ class MoEShape:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}.")
         if self.n_dense_layers > self.n_layers:
             raise ValueError(f"n_dense_layers={self.n_dense_layers} exceeds n_layers={self.n_layers}.")
+        if self.n_kv_heads is not None:
+            check_positive_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                # Grouped-query attention shares each key/value head among n_heads / n_kv_heads query heads.
+                raise ValueError(
+                    f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; choose a divisor of "
+                    "n_heads, or None for n_heads."
+                )
 
 
 def count(shape: MoEShape, bytes_per_param: int = 4) -> dict[str, float]:

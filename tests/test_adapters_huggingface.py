@@ -8,7 +8,7 @@ import torch
 
 from lightning_moe.adapters import HuggingFaceMoeTap, find_taps, record_routing
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="Hugging Face adapters need the `hf` extra (transformers>=5)")
 
 COMMON = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
           "num_key_value_heads": 1, "num_experts_per_tok": 2, "max_position_embeddings": 32}

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import LoadBalanceMonitor, SpecializationMonitor, TransitionMonitor
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="Hugging Face adapters need the `hf` extra (transformers>=5)")
 B, S, PAD = 2, 8, 2  # the last PAD positions of every sequence are padding
 
 

@@ -66,3 +66,12 @@ def test_text_datamodule_needs_exactly_one_source():
 
     with pytest.raises(ValueError, match="exactly one of `data_files`"):
         TextDataModule()
+
+
+def test_validation_prefix_samples_both_domains():
+    dm = ByteCorpusDataModule(seq_len=64, batch_size=8, bytes_per_domain=100_000)
+    dm.setup("validate")
+    first = next(iter(dm.val_dataloader()))["domain_ids"]
+    assert set(first.unique().tolist()) == {0, 1}
+    again = next(iter(dm.val_dataloader()))["domain_ids"]
+    assert torch.equal(first, again)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from lightning_moe.adapters import RoutingEvent
@@ -104,6 +105,9 @@ class TransitionMonitor(RoutingMonitor):
                 ax.set_xlabel("offset from switch")
                 ax.set_title(f"{layer} ({stage}): correct expert = incoming domain's", fontsize=9)
                 ax.legend(fontsize=7)
+                if not torch.isfinite(r["p_correct"]).any():
+                    for a in (axes[2 * i], ax):  # say why the panels are empty rather than leave them blank
+                        a.text(0.5, 0.5, "no labelled domain switch seen", transform=a.transAxes, ha="center")
             self.save_figure(fig, directory, stage)
 
     def _extra_state(self) -> dict[str, Any]:

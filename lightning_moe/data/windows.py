@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 class TokenWindows(Dataset):
@@ -33,10 +33,10 @@ class TokenWindows(Dataset):
 
 
 def check_loader_args(seq_len: int, batch_size: int, num_workers: int) -> None:
-    from lightning_moe.utils import check_non_negative, check_positive
+    from lightning_moe.utils import check_non_negative, check_positive_int
 
-    check_positive("seq_len", seq_len)
-    check_positive("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("batch_size", batch_size)
     check_non_negative("num_workers", num_workers)
 
 
@@ -58,4 +58,8 @@ class WindowDataModule(pl.LightningDataModule):
                           generator=split_generator(self.seed), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], self.batch_size, num_workers=self.num_workers)
+        # One fixed shuffled order: a `limit_val_batches` prefix then samples the whole split (both domains)
+        # instead of its first documents, and every validation run sees the same windows.
+        val = self.splits["val"]
+        order = torch.randperm(len(val), generator=split_generator(self.seed)).tolist()
+        return DataLoader(Subset(val, order), self.batch_size, num_workers=self.num_workers)

@@ -147,7 +147,13 @@ class Router(nn.Module):
                              "'lightning_moe.gating.SoftmaxTopK'.") from e
         if not (isinstance(cls, type) and issubclass(cls, Router)):
             raise TypeError(f"class_path {spec['class_path']!r} is not a lightning_moe Router.")
-        return cls(**spec.get("init_args", {}))
+        init_args = spec.get("init_args") or {}
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(init_args) - set(params) - {"self"})
+        if unknown:
+            valid = ", ".join(n for n in params if n != "self")
+            raise TypeError(f"unknown init_args {unknown} for router {spec['class_path']!r}; valid: {valid}.")
+        return cls(**init_args)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

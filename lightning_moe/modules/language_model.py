@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +18,35 @@ from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.utils import check_non_negative, check_positive
 
 LN2 = math.log(2)
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: labels equal to it are not scored
+
+
+def check_labels(labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int) -> None:
+    """Labels must be integer ids shaped like the tokens, in ``[0, vocab_size)`` or ``-100`` (ignored), with at
+    least one scored; otherwise cross-entropy fails with an opaque torch error or returns NaN (0 / 0)."""
+    if not isinstance(labels_BS, Tensor) or labels_BS.is_floating_point() or labels_BS.is_complex():
+        kind = labels_BS.dtype if isinstance(labels_BS, Tensor) else type(labels_BS).__name__
+        raise TypeError(f"batch['labels'] must be an integer tensor of token ids, got {kind}.")
+    if isinstance(tokens_BS, Tensor) and labels_BS.shape != tokens_BS.shape:
+        raise ValueError(
+            f"batch['labels'] has shape {tuple(labels_BS.shape)} but batch['tokens'] has {tuple(tokens_BS.shape)}; "
+            "give one next-token label per token (-100 where a token is not scored)."
+        )
+    scored = labels_BS != IGNORE_INDEX
+    # One host sync for all three checks.
+    n, lo, hi = torch.stack([
+        scored.sum(), labels_BS.masked_fill(~scored, 0).min(), labels_BS.masked_fill(~scored, 0).max()
+    ]).tolist() if labels_BS.numel() else (0, 0, 0)
+    if n == 0:
+        raise ValueError(
+            f"batch['labels'] of shape {tuple(labels_BS.shape)} has no scored label (all are -100), so the loss "
+            "would be NaN; drop such batches or keep at least one label per batch."
+        )
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"label ids must lie in [0, vocab_size={vocab_size}) or be -100 (ignored), got [{lo}, {hi}]; set "
+            "vocab_size to the tokenizer's vocabulary size."
+        )
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -78,6 +108,19 @@ class MoELanguageModel(pl.LightningModule):
         )
         self.val_load = nn.ModuleList(ExpertLoad(num_experts) for _ in moe_layers(self.model))
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; a file that is not a checkpoint (truncated, empty, another format)
+        fails with a ValueError naming it, rather than torch.load's unpickling errors (whose advice to retry
+        with ``weights_only=False`` is unsafe for an unknown file)."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(
+                f"cannot read checkpoint {checkpoint_path!r} ({type(e).__name__}): the file is empty, truncated or "
+                "not a PyTorch checkpoint; point at a file written by Trainer.save_checkpoint."
+            ) from e
+
     def setup(self, stage: str) -> None:
         data_vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
         if data_vocab is not None and data_vocab != self.hparams.vocab_size:
@@ -93,6 +136,7 @@ class MoELanguageModel(pl.LightningModule):
         for key in ("tokens", "labels"):
             if key not in batch:
                 raise ValueError(f"batch is missing {key!r}; a language-model batch needs 'tokens' and 'labels'.")
+        check_labels(batch["labels"], batch["tokens"], self.hparams.vocab_size)
         try:
             logits = self.model(batch["tokens"])
         except NonFiniteRoutingError as e:
@@ -106,7 +150,8 @@ class MoELanguageModel(pl.LightningModule):
         ce_BS = self._ce(batch, reduction="none")
         # Routers that learn from prediction error (precision gating) read each token's loss.
         feed_back_errors(self.model, ce_BS)
-        ce = ce_BS.sum() / (batch["labels"] != -100).sum()  # the mean over non-ignored labels, as reduction="mean"
+        # The mean over non-ignored labels, as reduction="mean" (check_labels made sure there is at least one).
+        ce = ce_BS.sum() / (batch["labels"] != IGNORE_INDEX).sum()
         layers = moe_layers(self.model)
         aux: dict[str, Tensor] = {}
         for layer in layers:
