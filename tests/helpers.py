@@ -9,6 +9,10 @@ from torch.utils.data import DataLoader
 from lightning_moe.gating.base import Routing
 
 
+# A one-layer MoE language model small enough for many Lightning fits per test file.
+TINY = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=16, num_experts=4, top_k=2, max_seq_len=32)
+
+
 def fixed_routing(T: int, E: int, K: int, allowed: list[int] | None = None, seed: int = 0) -> Routing:
     """Distinct experts per token drawn from ``allowed`` (default all), random positive weights with grad."""
     g = torch.Generator().manual_seed(seed)

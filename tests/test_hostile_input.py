@@ -24,18 +24,8 @@ from lightning_moe.layers import MoELayer, NonFiniteRoutingError
 from lightning_moe.models import MoETransformer
 from lightning_moe.modules import MoELanguageModel
 from lightning_moe.params import MoEShape
-from tests.helpers import TinyLMData
+from tests.helpers import TINY, TinyLMData
 
-TINY = {
-    "vocab_size": 32,
-    "d_model": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "d_ff": 16,
-    "num_experts": 4,
-    "top_k": 2,
-    "max_seq_len": 32,
-}
 SHAPE = {"d_model": 16, "n_layers": 2, "num_experts": 4, "top_k": 2, "d_expert": 8}
 
 

@@ -17,18 +17,8 @@ from torch.utils.data import DataLoader
 from lightning_moe.callbacks import LoadBalanceMonitor
 from lightning_moe.gating import KMeansRouter, SigmoidTopK, TransitionRouter
 from lightning_moe.modules import MoELanguageModel
-from tests.helpers import TinyLMData
+from tests.helpers import TINY, TinyLMData
 
-TINY = {
-    "vocab_size": 32,
-    "d_model": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "d_ff": 16,
-    "num_experts": 4,
-    "top_k": 2,
-    "max_seq_len": 32,
-}
 
 ROUTERS = {
     "sigmoid_topk": lambda: SigmoidTopK(bias_update_rate=1e-2),
