@@ -153,8 +153,3 @@ def feed_back_errors(module: nn.Module, error_BS: Tensor) -> None:
                 )
             layer.router.observe_errors(error_T, layer.routing)
 
-
-def total_aux_loss(module: nn.Module) -> Tensor | None:
-    """Sum of all MoE layers' auxiliary losses from their last forward, or None if the module has no MoE layer."""
-    layers = moe_layers(module)
-    return torch.stack([layer.aux_loss for layer in layers]).sum() if layers else None

@@ -38,12 +38,14 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     mask_TK: Tensor | None = None
 
+    def assigned_N(self) -> Tensor:
+        """Expert ids of the real (token, slot) assignments, flattened (padding slots of ``mask_TK`` dropped)."""
+        experts_N = self.experts_TK.reshape(-1)
+        return experts_N if self.mask_TK is None else experts_N[self.mask_TK.reshape(-1)]
+
     def expert_counts(self, num_experts: int) -> Tensor:
         """Assignments per expert ``counts_E`` (int64): each real (token, slot) pair counts once."""
-        experts_N = self.experts_TK.reshape(-1)
-        if self.mask_TK is not None:
-            experts_N = experts_N[self.mask_TK.reshape(-1)]
-        return torch.bincount(experts_N, minlength=num_experts)
+        return torch.bincount(self.assigned_N(), minlength=num_experts)
 
 
 class Router(nn.Module):

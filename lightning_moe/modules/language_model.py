@@ -161,12 +161,8 @@ class MoELanguageModel(pl.LightningModule):
         logs = {"train/loss": loss, "train/ce": ce, "train/bits_per_token": ce / LN2}
         logs.update({f"train/aux/{k}": v for k, v in aux.items()})
         if layers:
-            maxvio = [
-                load_stats(torch.bincount(layer.routing.experts_TK.flatten(), minlength=layer.experts.num_experts))[
-                    "maxvio"
-                ]
-                for layer in layers
-            ]
+            # expert_counts honours expert choice's padding slots, which are not assignments.
+            maxvio = [load_stats(layer.routing.expert_counts(layer.experts.num_experts))["maxvio"] for layer in layers]
             logs["train/maxvio_batch"] = torch.stack(maxvio).mean().float()
         self.log_dict(logs, prog_bar=False, batch_size=batch["tokens"].shape[0])
         self.log("loss", ce, prog_bar=True, logger=False, batch_size=batch["tokens"].shape[0])
@@ -182,7 +178,7 @@ class MoELanguageModel(pl.LightningModule):
         bs = batch["tokens"].shape[0]
         self.log_dict({"val/loss": ce, "val/bits_per_token": ce / LN2}, batch_size=bs, sync_dist=True)
         for metric, layer in zip(self.val_load, moe_layers(self.model)):
-            metric.update(layer.routing.experts_TK)
+            metric.update(layer.routing.assigned_N())
 
     def on_validation_epoch_end(self) -> None:
         if not len(self.val_load):
