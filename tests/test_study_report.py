@@ -1,14 +1,15 @@
 """The report from rows alone: mean ± std beside the paper's number, verdicts with numbers, problems, smoke banner."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
-from test_study_spec import write_study
+from test_study_spec import STUDY, write_study
 
 from lightning_moe.studies.report import Results, mean_std, write_report
 from lightning_moe.studies.runner import StudyPaths, append_row
-from lightning_moe.studies.spec import load_study, plan_runs
+from lightning_moe.studies.spec import StudyError, load_study, plan_runs
 
 
 def row(plan, status="ok", **metrics):
@@ -80,3 +81,38 @@ def test_study_command_is_dispatched_and_stays_lazy(capsys):
             "lightning_moe.studies.report, lightning_moe.studies.runner; heavy = ('yaml', 'matplotlib', 'lightning'); "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def seed_section(ctx):
+    """A study's own section: reads each run's artifact from its run folder."""
+    seeds = [r["seed"] for r in ctx.runs("top1")]
+    marks = [(ctx.run_dir(r["run_id"]) / "mark.txt").read_text() for r in ctx.runs("top1")]
+    return ["## Own section", "", f"seeds {seeds} marks {marks}", ""]
+
+
+def test_study_sections_are_placed_after_the_claims(study_and_plans, tmp_path):
+    study, plans = study_and_plans
+    study = dataclasses.replace(study, sections="test_study_report:seed_section")
+    paths = StudyPaths.of(study, tmp_path / "out")
+    for plan, mark in [(plans[1], "b"), (plans[0], "a")]:
+        paths.run_dir(plan.run_id).mkdir(parents=True)
+        (paths.run_dir(plan.run_id) / "mark.txt").write_text(mark)
+        append_row(paths.rows, row(plan, **{"val/loss": 2.0}))
+    report = write_report(study, plans, paths).read_text()
+    assert "## Claims" in report.split("## Own section\n\nseeds [0, 1] marks ['a', 'b']\n")[0]
+
+
+def test_unloadable_sections_name_the_field(study_and_plans, tmp_path):
+    study, plans = study_and_plans
+    study = dataclasses.replace(study, sections="test_study_report:no_such_function")
+    paths = StudyPaths.of(study, tmp_path / "out")
+    append_row(paths.rows, row(plans[0], **{"val/loss": 2.0}))
+    with pytest.raises(StudyError, match="sections 'test_study_report:no_such_function'.*cannot be loaded"):
+        write_report(study, plans, paths)
+
+
+@pytest.mark.parametrize("value", ["not a path", "module.only", 3])
+def test_sections_must_name_a_function(tmp_path, value):
+    text = STUDY + f"sections: {value!r}\n" if isinstance(value, str) else STUDY + f"sections: {value}\n"
+    with pytest.raises(StudyError, match="sections must be 'package.module:function'"):
+        load_study(write_study(tmp_path, text))

@@ -8,6 +8,7 @@ output folder instead and says on its first lines that it is a smoke run, so it 
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import math
 import os
@@ -69,6 +70,52 @@ class Results:
     def conditions(self) -> list[str]:
         """The planned conditions, in study order."""
         return list(dict.fromkeys(p.condition for p in self.plans))
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What a study's ``sections`` function (``study.yaml: sections: package.module:function``) gets. It returns
+    Markdown lines, placed after the claims. Runs leave per-run artifacts (curves, matrices) in their own folder,
+    :meth:`run_dir`; plots go to :meth:`plot` paths and are linked by :meth:`link`."""
+
+    study: Study
+    results: Results
+    paths: StudyPaths
+    report_dir: Path
+    smoke: bool
+
+    def run_dir(self, run_id: str) -> Path:
+        """The run's ``trainer.default_root_dir``."""
+        return self.paths.run_dir(run_id)
+
+    def runs(self, condition: str) -> list[dict[str, Any]]:
+        """The finished rows of ``condition``, by seed."""
+        return sorted((r for r in self.results.ok.values() if r["condition"] == condition), key=lambda r: r["seed"])
+
+    def plot(self, name: str) -> Path:
+        """Where to save the plot ``name`` (a file name with its suffix); the folder exists."""
+        path = self.report_dir / PLOTS_DIR / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def link(self, path: Path, alt: str) -> str:
+        """A Markdown image line for a saved plot."""
+        return f"![{alt}]({path.relative_to(self.report_dir).as_posix()})"
+
+
+def study_sections(ctx: ReportContext) -> list[str]:
+    """Call the study's ``sections`` function, if it names one; an unimportable one is a :class:`StudyError`."""
+    if not ctx.study.sections:
+        return []
+    module, _, name = ctx.study.sections.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise StudyError(
+            f"sections {ctx.study.sections!r} in {ctx.study.path.name} cannot be loaded ({err}); name an importable "
+            f"'package.module:function'."
+        ) from err
+    return list(fn(ctx))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -222,9 +269,10 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def render(
     study: Study, results: Results, smoke: bool, out_dir: str, plots: Mapping[str, str], plot_note: str = "",
+    sections: Sequence[str] = (),
 ) -> str:
     """The report's Markdown; ``out_dir`` is the output folder and ``plots`` maps metric -> image path, both
-    relative to the report."""
+    relative to the report; ``sections`` are the study's own Markdown lines, placed after the claims."""
     ok_rows = list(results.ok.values())
     seeds = results.seeds()
     out = [f"# {study.title}", ""]
@@ -296,6 +344,7 @@ def render(
         )
         out.append("")
 
+    out += list(sections)
     if plots or plot_note:
         out += ["## Plots", ""]
         out += [f"![{m}]({p})" for m, p in plots.items()]
@@ -352,5 +401,6 @@ def write_report(
                 plots[metric] = path.relative_to(report_dir).as_posix()
     report_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(os.path.relpath(paths.root.resolve(), report_dir.resolve())).as_posix()
-    report.write_text(render(study, results, smoke, out_dir, plots, note))
+    sections = study_sections(ReportContext(study, results, paths, report_dir, smoke)) if results.ok else []
+    report.write_text(render(study, results, smoke, out_dir, plots, note, sections))
     return report

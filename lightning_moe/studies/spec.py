@@ -26,6 +26,8 @@ to collect, the paper's numbers and the claims to check, all as data. The commen
     smoke:                         # what ``--smoke`` changes so the whole study runs in about a minute
       seeds: [0]                   # optional
       overrides: {trainer.max_steps: 5, trainer.limit_val_batches: 2}
+    sections: lightning_moe.studies.sections.mine:render   # optional: study-specific report sections, see
+                                                           # :class:`lightning_moe.studies.report.ReportContext`
 
 Overrides are applied in this order, later ones winning: ``overrides``, the condition's, the grid point's, the
 seed keys, the smoke overrides; the runner then sets the run's output folder, ``torch_threads`` and its
@@ -51,7 +53,7 @@ STUDY_FILE = "study.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 _STUDY_KEYS = {
     "name", "title", "description", "reference", "base", "overrides", "seeds", "seed_keys", "metrics",
-    "conditions", "grid", "paper", "claims", "smoke",
+    "conditions", "grid", "paper", "claims", "smoke", "sections",
 }
 _CONDITION_KEYS = {"name", "overrides", "configs", "paper", "description"}
 _SMOKE_KEYS = {"seeds", "overrides"}
@@ -98,6 +100,7 @@ class Study:
     claims: tuple[Claim, ...]
     smoke_seeds: tuple[int, ...] | None
     smoke_overrides: dict[str, Any]
+    sections: str = ""
 
     @property
     def dir(self) -> Path:
@@ -371,7 +374,21 @@ def load_study(path: str | Path) -> Study:
         seed_keys=tuple(seed_keys), metrics=metrics, conditions=conditions, claims=tuple(claims),
         smoke_seeds=_int_list(smoke["seeds"], "smoke.seeds") if "seeds" in smoke else None,
         smoke_overrides=_overrides(smoke.get("overrides"), "smoke.overrides"),
+        sections=_sections(raw.get("sections")),
     )
+
+
+def _sections(raw: Any) -> str:
+    """``package.module:function`` of a study's extra report sections ('' when none); checked when the report is
+    written, so a study file parses without importing its report code."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, str) or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", raw):
+        raise StudyError(
+            f"sections must be 'package.module:function', e.g. 'lightning_moe.studies.sections.transitions:render', "
+            f"got {raw!r}."
+        )
+    return raw
 
 
 def _fingerprint(configs: Sequence[Path], overrides: Mapping[str, Any]) -> str:
