@@ -96,6 +96,19 @@ class Router(nn.Module):
     def forward(self, x_BSD: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        # Router state stays fp32 when the module is cast down (Lightning's bf16-true and fp16-true call
+        # module.to(dtype)): on a bias of 0.5, bf16's spacing is 3.9e-3, so a sign-rule step of 1e-3 is lost, and
+        # EMAs of centroids or error variances stall the same way. Device moves still apply; the buffers keep
+        # their exact pre-cast values. Parameters are cast as asked.
+        state = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in state.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype in (torch.bfloat16, torch.float16):
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def register_pending(self, name: str, tensor: Tensor) -> None:
         """Register a per-step accumulator: a buffer that follows the module's device but is not checkpointed
         (a checkpoint is taken after the optimizer step, when every accumulator is zero)."""

@@ -129,6 +129,31 @@ class MoELanguageModel(pl.LightningModule):
                 f"set model.init_args.vocab_size: {data_vocab}."
             )
 
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each block, then the rest (embedding, final
+        norm, head), over the data-parallel mesh; other strategies leave the model as it is.
+
+        Router buffers are not sharded (FSDP2 replicates buffers) and their updates are summed over all ranks, as
+        under DDP, so every rank must be a data-parallel rank: tensor parallelism is refused.
+        """
+        mesh = self.device_mesh
+        if mesh is None:  # not ModelParallelStrategy
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # already sharded by an earlier fit
+            return
+        tp = mesh["tensor_parallel"].size()
+        if tp > 1:
+            raise ValueError(
+                f"MoELanguageModel supports ModelParallelStrategy for FSDP2 data parallelism only, got "
+                f"tensor_parallel_size={tp}; use ModelParallelStrategy(data_parallel_size={mesh.size()}, "
+                "tensor_parallel_size=1)."
+            )
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
     def forward(self, tokens_BS: Tensor) -> Tensor:
         return self.model(tokens_BS)
 
