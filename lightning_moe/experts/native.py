@@ -90,7 +90,8 @@ class Experts(nn.Module):
         d_ff: width F of each expert.
         num_experts: E.
         activation: ``swiglu`` (GLU with SiLU, adds ``v1``) or ``gelu`` (tanh-approximate GELU MLP).
-        backend: ``native`` (grouped GEMM with a per-expert loop fallback) or ``megablocks`` (CUDA only).
+        backend: ``native`` (grouped GEMM with a per-expert loop fallback) or ``megablocks`` (MegaBlocks' grouped
+            kernels: CUDA, bf16 weights, MegaBlocks installed; same parameters and numbers as ``native``).
     """
 
     def __init__(
@@ -101,18 +102,22 @@ class Experts(nn.Module):
         check_choice("backend", backend, BACKENDS)
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
             check_positive_int(name, value)
-        if backend == "megablocks":
-            raise NotImplementedError(
-                "backend='megablocks' is not available in this release; use backend='native' (same numbers)."
-            )
         self.activation, self.backend = activation, backend
         self.mlp = ExpertWeights(d_model, d_ff, num_experts, glu=activation == "swiglu")
+        self._megablocks = None
+        if backend == "megablocks":
+            # Imported here: building the backend is what imports MegaBlocks (and fails clearly without it).
+            from lightning_moe.experts.megablocks import MegaBlocksExperts
+
+            self._megablocks = MegaBlocksExperts(d_model, d_ff, num_experts, activation)
 
     @property
     def num_experts(self) -> int:
         return self.mlp.num_experts
 
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        if self._megablocks is not None:
+            return self._megablocks(x_TD, routing, self.mlp, self.training)
         T, D = x_TD.shape
         K = routing.experts_TK.shape[1]
         flat_N = routing.experts_TK.reshape(-1)
