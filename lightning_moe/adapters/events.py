@@ -62,7 +62,9 @@ class RoutingEvent:
         experts and renormalised.
         """
         if self.scores_TE is not None:
-            mass_TE = self.scores_TE.detach().float()
+            # clamp: cosine scores (K-Means) can be negative; a token whose scores sum below zero would otherwise
+            # get a mass of ±1e38 from the clamped denominator. Softmax and sigmoid scores are unchanged.
+            mass_TE = self.scores_TE.detach().float().clamp_min(0)
         else:
             mass_TE = torch.zeros(self.num_tokens, num_experts, device=self.weights_TK.device)
             mass_TE.scatter_add_(1, self.experts_TK, self.weights_TK.detach().float())

@@ -4,6 +4,7 @@ optimizer step, and result tables.
 The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
 """
 
+from lightning_moe.callbacks.coupling import CouplingMonitor
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
 from lightning_moe.callbacks.monitor import RoutingMonitor
@@ -13,6 +14,7 @@ from lightning_moe.callbacks.specialization import SpecializationMonitor
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
+    "CouplingMonitor",
     "LoadBalanceMonitor",
     "ResultTable",
     "RouterGeometryMonitor",

@@ -3,6 +3,7 @@
 Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP synchronisation is exact.
 """
 
+from lightning_moe.metrics.coupling import LayerCoupling, correlation_log10_p, coupling_stats
 from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.metrics.specialization import (
@@ -17,10 +18,13 @@ from lightning_moe.metrics.transitions import TransitionRouting, experts_for_cov
 __all__ = [
     "ExpertLoad",
     "LabelSpecialization",
+    "LayerCoupling",
     "ScoreActivationCoupling",
     "TokenSpecialization",
     "TransitionRouting",
     "conditional_entropy_C",
+    "correlation_log10_p",
+    "coupling_stats",
     "experts_for_coverage",
     "load_stats",
     "mass_coverage_T",

@@ -1,0 +1,204 @@
+"""``CouplingMonitor``: router–expert geometric coupling on the validation set, with a per-run JSON artifact
+(arXiv 2605.12476; geometric-coupling spec §2.3).
+
+Legend: T tokens, K slots, E experts, D model width, F expert width, N counted (token, slot) pairs, L layers.
+
+At every validation run it pools the validation set's (token, selected expert) pairs of all layers into
+:class:`~lightning_moe.metrics.coupling.LayerCoupling` (score = dispatch weight or router-row logit; response =
+‖h·W_gateᵀ‖₂, ‖h·W_upᵀ‖₂ or mean SiLU(h·W_gateᵀ), recomputed from the tapped layer's own weights under
+``no_grad``) and measures the router rows' geometry. Training batches only feed a per-layer MaxVio_batch average.
+Because every value is logged at validation, the last one of each reaches ``trainer.callback_metrics``
+(and so the study runner's result); the JSON artifact keeps the whole history and the decile curves for plots.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_moe.adapters import RoutingEvent
+from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
+from lightning_moe.callbacks.plots import new_figure
+from lightning_moe.metrics.coupling import RESPONSES, SCORES, LayerCoupling, expert_responses_N
+from lightning_moe.metrics.geometry import router_geometry
+from lightning_moe.metrics.load import ExpertLoad
+from lightning_moe.studies.capture import write_json_atomic
+from lightning_moe.utils import check_positive_int
+
+HEADLINE = "weight_vs_gate_norm"  # the authors' script: dispatch weight vs pre-activation gate norm
+_POOLED = "all"  # the metric key of the pooled (all layers) pairs
+
+
+def combo_name(score: str, response: str) -> str:
+    """The logged name of a (score, response) variant, e.g. ``weight_vs_gate_norm``."""
+    return f"{score}_vs_{response}"
+
+
+def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~lightning_moe.metrics.coupling.coupling_stats` output with tensors as lists."""
+    return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in stats.items()}
+
+
+class CouplingMonitor(RoutingMonitor):
+    """Logs at every validation run, per MoE layer and pooled over layers:
+
+    * ``val/coupling/<variant>/{rho,log10_p,n,median_group_rho}`` (pooled) and
+      ``val/coupling/<layer>/<variant>/{rho,log10_p}``, for every ``<score>_vs_<response>`` variant (see
+      :mod:`lightning_moe.metrics.coupling`); the headline is ``weight_vs_gate_norm`` (paper ρ = 0.43);
+      ``log10_p`` is the two-sided Student-t p-value of Spearman's ρ, in log10 because it underflows; and
+      ``val/coupling/negative_weight_fraction``, the share of selected slots with a negative dispatch weight
+      (possible with cosine scores as weights, K-Means ``mixing='scores'``);
+    * ``val/geometry/<layer>/{mean_cosine,nn_cosine,effective_rank,common_energy}`` of the router rows (linear
+      router weights or K-Means centroids) and ``val/geometry/mean_cosine`` (mean over layers; the paper's
+      Fig. 3 number);
+    * ``val/train_maxvio_batch/<layer>`` and ``val/train_maxvio_batch`` (mean over layers): MaxVio of each
+      *training* batch, averaged over the batches since the previous validation (MaxVio_batch of Wang et al.
+      2024 over a window; logged at validation so the last window reaches ``callback_metrics``).
+
+    It writes ``<default_root_dir>/<artifact>`` (JSON) after each validation run: ``layers``, ``history`` (per
+    validation: the step and every scalar ``val/*`` key in ``trainer.callback_metrics``, so other monitors' and
+    the module's validation numbers are included) and ``coupling`` (the last validation's statistics with the
+    decile curves). Plot ``coupling_val.png``: the pooled decile curves.
+
+    All layers must have the same number of experts (their pairs are pooled). Layers whose adapter gives no
+    router rows or expert weights are skipped.
+
+    Args:
+        min_group_pairs: pairs a (layer, expert) group needs to enter ``median_group_rho`` (the authors use 128).
+        artifact: file name of the JSON artifact inside the Trainer's ``default_root_dir``.
+        monitor_kwargs: ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`
+            (``every_n_steps`` has no effect: everything is computed at validation).
+    """
+
+    name = "coupling"
+    needs_inputs = True
+
+    def __init__(self, min_group_pairs: int = 128, artifact: str = "coupling.json", **monitor_kwargs: Any) -> None:
+        super().__init__(**monitor_kwargs)
+        check_positive_int("min_group_pairs", min_group_pairs)
+        if not artifact or Path(artifact).name != artifact:
+            raise ValueError(
+                f"artifact must be a plain file name (it is written inside default_root_dir), got {artifact!r}."
+            )
+        self.min_group_pairs, self.artifact = min_group_pairs, artifact
+        self.history: list[dict[str, Any]] = []
+        self.latest: dict[str, Any] = {}
+
+    def _build(self, pl_module: pl.LightningModule) -> None:
+        sizes = {tap.num_experts for tap in self.taps.values()}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"CouplingMonitor pools pairs over layers, which needs one expert count, but the layers have "
+                f"{ {n: t.num_experts for n, t in self.taps.items()} }; pass layers=[...] with equal counts."
+            )
+        self.layer_index = {layer: i for i, layer in enumerate(self.taps)}
+        for layer, tap in self.taps.items():
+            # Fed by training batches but kept under the "val" stage: validation resets it, so it averages over
+            # the training batches since the previous validation, not over the training log window.
+            self.add_metric(layer, "train_load", partial(ExpertLoad, tap.num_experts), stages=("val",))
+        if self.taps:
+            factory = partial(LayerCoupling, len(self.taps), sizes.pop(), self.min_group_pairs)
+            self.add_metric(_POOLED, "pairs", factory, stages=("val",))
+
+    def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
+        keep_TK = event.kept_TK(self.batch_mask_T(event, batch))
+        if stage == "train":
+            experts_N = event.experts_TK.reshape(-1) if keep_TK is None else event.experts_TK[keep_TK]
+            self.update_metric("val", event.layer, "train_load", experts_N)
+            return
+        tap = self.tap_of(event)
+        rows_ED, gate_EFD, up_EFD = tap.router_weight_ED(), tap.expert_weight_EFD("gate"), tap.expert_weight_EFD("up")
+        if event.x_TD is None or rows_ED is None or gate_EFD is None or up_EFD is None:
+            return
+        T, K = event.experts_TK.shape
+        token_TK = torch.arange(T, device=event.experts_TK.device)[:, None].expand(T, K)
+        if keep_TK is None:
+            keep_TK = torch.ones_like(token_TK, dtype=torch.bool)
+        token_N, experts_N = token_TK[keep_TK], event.experts_TK[keep_TK]
+        with torch.no_grad():
+            x_ND = event.x_TD[token_N]
+            # The raw router-row dot product h·r_e: the logit whose gradient is parallel to h (paper Sec. 3).
+            logit_N = (x_ND.float() * rows_ED.detach()[experts_N].float()).sum(dim=1)
+            responses = expert_responses_N(x_ND, experts_N, gate_EFD.detach(), up_EFD.detach())
+        scores = {"weight": event.weights_TK[keep_TK], "logit": logit_N}
+        self.update_metric(stage, _POOLED, "pairs", self.layer_index[event.layer], experts_N, scores, responses)
+
+    def _compute(self, stage: Stage) -> dict[str, Tensor]:
+        if stage != "val":
+            return {}
+        out: dict[str, Any] = {}
+        maxvio = {layer: float(self.metric("val", layer, "train_load").compute()["maxvio_batch"])
+                  for layer in self._has_data("val", "train_load")}
+        out.update({f"train_maxvio_batch/{layer}": v for layer, v in maxvio.items()})
+        if maxvio:
+            out["train_maxvio_batch"] = sum(maxvio.values()) / len(maxvio)
+        geometry: dict[str, dict[str, float]] = {}
+        for layer, tap in self.taps.items():
+            rows_ED = tap.router_weight_ED()
+            if rows_ED is not None:
+                geometry[layer] = {k: float(v) for k, v in router_geometry(rows_ED).items()}
+                out.update({f"geometry/{layer}/{k}": v for k, v in geometry[layer].items()})
+        if geometry:
+            out["geometry/mean_cosine"] = sum(g["mean_cosine"] for g in geometry.values()) / len(geometry)
+        coupling: dict[str, Any] = {}
+        if f"val/{_POOLED}/pairs" in self.updated:
+            result = self.metric("val", _POOLED, "pairs").compute()
+            out["coupling/negative_weight_fraction"] = result["negative_weight_fraction"]
+            for s in SCORES:
+                for r in RESPONSES:
+                    name, res = combo_name(s, r), result[f"{s}/{r}"]
+                    pooled = res["pooled"]
+                    out.update({f"coupling/{name}/{k}": pooled[k] for k in ("rho", "log10_p", "n")})
+                    out[f"coupling/{name}/median_group_rho"] = res["median_group_rho"]
+                    for layer, i in self.layer_index.items():
+                        out.update({f"coupling/{layer}/{name}/{k}": res["layers"][i][k] for k in ("rho", "log10_p")})
+                    coupling[name] = {
+                        "pooled": _jsonable(pooled),
+                        "layers": {layer: _jsonable(res["layers"][i]) for layer, i in self.layer_index.items()},
+                        "median_group_rho": res["median_group_rho"],
+                    }
+        self.latest = {"coupling": coupling, "geometry": geometry}
+        return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in out.items()}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, after every ``on_validation_epoch_end``, the epoch's logged values are in callback_metrics.
+        if trainer.sanity_checking:
+            return
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1
+        }
+        self.history.append({"step": trainer.global_step, "metrics": metrics})
+        if trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / self.artifact
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"layers": list(self.taps), "history": self.history, **self.latest})
+
+    def _plot(self, directory: Path) -> None:
+        coupling = self.latest.get("coupling")
+        made = new_figure(1, panel_size=(6.0, 3.5)) if coupling else None
+        if made is None:
+            return
+        fig, (ax,) = made
+        for r in RESPONSES:
+            stats = coupling[combo_name("weight", r)]["pooled"]
+            if not math.isnan(stats["rho"]):
+                ax.plot(range(1, 11), stats["deciles"], marker="o", label=f"{r} (rho {stats['rho']:.2f})")
+        ax.axhline(0, color="grey", linestyle=":")
+        ax.set_xlabel("dispatch-weight decile")
+        ax.set_ylabel("mean per-expert z-score")
+        ax.set_title("router weight vs selected expert's response (validation, all layers)", fontsize=9)
+        ax.legend(fontsize=7)
+        self.save_figure(fig, directory, "val")
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
