@@ -51,3 +51,16 @@ def _leaky_integrate(x_BSD: Tensor, logit_beta_D: Tensor, h0_BD: Tensor | None, 
         chunks.append(h_BcD)
         h_BD = h_BcD[:, -1]
     return torch.cat(chunks, dim=1)
+
+
+def capped_integrate(current_BSE: Tensor, logit_beta_E: Tensor, cap: float) -> Tensor:
+    """``U_BSE`` with ``U_t = min(sigmoid(logit_beta) * U_{t-1} + current_t, cap)`` and ``U_{-1} = 0``: the
+    paper's early logit-space membrane (transitions spec §1.1 B; the reference writes the cap as
+    ``U - relu(U - theta)``). The cap makes it nonlinear, so it runs step by step (S is short where it is used)."""
+    beta_E = torch.sigmoid(logit_beta_E).to(current_BSE.dtype)
+    u_BE = torch.zeros_like(current_BSE[:, 0])
+    states = []
+    for t in range(current_BSE.shape[1]):
+        u_BE = torch.clamp(beta_E * u_BE + current_BSE[:, t], max=cap)
+        states.append(u_BE)
+    return torch.stack(states, dim=1)

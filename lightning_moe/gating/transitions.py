@@ -28,12 +28,13 @@ from torch import Tensor, nn
 
 from lightning_moe.gating.base import Routing, check_unit_interval
 from lightning_moe.gating.softmax_topk import SoftmaxTopK
-from lightning_moe.gating.temporal import leaky_integrate
+from lightning_moe.gating.temporal import capped_integrate, leaky_integrate
 from lightning_moe.utils import check_choice, check_non_negative, check_positive, check_positive_int
 
-MemoryForm = Literal["leaky", "ema"]
+MemoryForm = Literal["leaky", "ema", "capped_logit"]
 PrecisionForm = Literal["scale", "log_shift"]
 AnticipationForm = Literal["additive", "direct"]
+Activation = Literal["gelu", "relu"]
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TransitionRouter(SoftmaxTopK):
     window's last state (buffer ``memory_BD``, detached, advanced by :meth:`observe` after the forward), which
     suits consecutive windows of one stream per batch row. Evaluation always starts from zero, so validation
     never disturbs the training stream; call :meth:`reset_memory` at stream boundaries.
+    ``memory_form='capped_logit'`` is the paper's early per-expert variant (§4.1, Table 1): the membrane lives in
+    logit space, ``U_t = min(beta_E * U_{t-1} + W x_t, memory_cap)`` with one ``beta`` per expert, and the gate
+    routes on ``U_t`` (no anticipation or carried state with it).
 
     **precision** multiplies the logits by ``Pi_i = 1 / (var_i + eps)`` (``precision_form='log_shift'`` adds the
     centred ``log Pi`` instead, which keeps "more precise = more likely" for negative logits). ``var_E`` (buffer
@@ -76,7 +80,9 @@ class TransitionRouter(SoftmaxTopK):
         precision: scale the logits by the per-expert precision ``Pi``.
         anticipation: add the next-input predictor's logits and its MSE loss.
         init_beta: starting ``beta`` in every dimension (0.9 in the reference).
-        memory_form: ``leaky`` (reference, ``|h|`` grows to ``|x| / (1 - beta)``) or ``ema``.
+        memory_form: ``leaky`` (reference, ``|h|`` grows to ``|x| / (1 - beta)``), ``ema`` or ``capped_logit``.
+        memory_cap: the cap ``theta`` of the ``capped_logit`` membrane (1.0 in the reference).
+        learn_beta: learn ``beta`` by backpropagation; False keeps it at ``init_beta``.
         carry_state: carry the memory across consecutive training windows (see above).
         chunk_size: scan chunk length C; cost grows with ``C``, Python steps with ``S / C``.
         precision_decay: EMA factor ``a`` of the error variance (0.95 in the reference).
@@ -86,6 +92,8 @@ class TransitionRouter(SoftmaxTopK):
         anticipation_weight: ``lambda`` of the predictor's MSE loss (0.5 in the reference).
         anticipation_form: ``additive`` (the language-model experiment) or ``direct``.
         predictor_mult: predictor hidden width as a multiple of D (4 in the reference).
+        predictor_activation: ``gelu`` (the language-model experiment) or ``relu`` (the toy ablation).
+        gate_bias: give the gate ``W`` a bias ``b`` (the reference's ``nn.Linear(D, E)``; off for top-k MoE).
         normalize_weights: renormalise the K selected probabilities to sum to 1.
         jitter: multiplicative noise on the gate input during training; 0 = off.
         load_balancing_weight: Switch load-balancing loss weight (the reference has none; top-k needs some).
@@ -99,6 +107,8 @@ class TransitionRouter(SoftmaxTopK):
         anticipation: bool = True,
         init_beta: float = 0.9,
         memory_form: MemoryForm = "leaky",
+        memory_cap: float = 1.0,
+        learn_beta: bool = True,
         carry_state: bool = False,
         chunk_size: int = 64,
         precision_decay: float = 0.95,
@@ -108,6 +118,8 @@ class TransitionRouter(SoftmaxTopK):
         anticipation_weight: float = 0.5,
         anticipation_form: AnticipationForm = "additive",
         predictor_mult: int = 4,
+        predictor_activation: Activation = "gelu",
+        gate_bias: bool = False,
         normalize_weights: bool = True,
         jitter: float = 0.0,
         load_balancing_weight: float = 0.01,
@@ -115,7 +127,12 @@ class TransitionRouter(SoftmaxTopK):
     ) -> None:
         super().__init__(normalize_weights, jitter, load_balancing_weight, z_loss_weight)
         check_unit_interval("init_beta", init_beta)
-        check_choice("memory_form", memory_form, ("leaky", "ema"))
+        check_choice("memory_form", memory_form, ("leaky", "ema", "capped_logit"))
+        if memory_form == "capped_logit" and (anticipation or carry_state or not beta):
+            raise ValueError(
+                f"memory_form='capped_logit' is a beta-only gate (beta={beta}, anticipation={anticipation}, "
+                f"carry_state={carry_state}); set beta=True, anticipation=False, carry_state=False or use 'leaky'."
+            )
         check_positive_int("chunk_size", chunk_size)
         check_unit_interval("precision_decay", precision_decay)
         check_positive("precision_eps", precision_eps)
@@ -124,30 +141,40 @@ class TransitionRouter(SoftmaxTopK):
         check_non_negative("anticipation_weight", anticipation_weight)
         check_choice("anticipation_form", anticipation_form, ("additive", "direct"))
         check_positive_int("predictor_mult", predictor_mult)
+        check_choice("predictor_activation", predictor_activation, ("gelu", "relu"))
         if carry_state and not beta:
             raise ValueError("carry_state=True needs beta=True (there is no memory to carry); drop carry_state.")
         self.beta, self.precision, self.anticipation = beta, precision, anticipation
         self.init_beta, self.memory_form = init_beta, memory_form
+        self.memory_cap, self.learn_beta = memory_cap, learn_beta
         self.carry_state, self.chunk_size = carry_state, chunk_size
         self.precision_decay, self.precision_eps = precision_decay, precision_eps
         self.precision_init_var, self.precision_form = precision_init_var, precision_form
         self.anticipation_weight, self.anticipation_form = anticipation_weight, anticipation_form
-        self.predictor_mult = predictor_mult
+        self.predictor_mult, self.predictor_activation, self.gate_bias = predictor_mult, predictor_activation, gate_bias
         # Python flags (not state): only to warn once when Pi is on but nobody feeds it errors.
         self._observed = self._errors_fed = self._warned_no_errors = False
 
     def build(self) -> None:
         super().build()
         D, E = self.d_model, self.num_experts
+        if self.gate_bias:
+            # PyTorch's default Linear init, as in the reference toys (their gates are plain nn.Linear(D, E)).
+            self.layer = nn.Linear(D, E)
         if self.beta:
-            self.logit_beta = nn.Parameter(torch.full((D,), math.log(self.init_beta / (1 - self.init_beta))))
+            width = E if self.memory_form == "capped_logit" else D
+            self.logit_beta = nn.Parameter(
+                torch.full((width,), math.log(self.init_beta / (1 - self.init_beta))), requires_grad=self.learn_beta
+            )
             if self.carry_state:
                 # [B, D] once a window has been seen; empty until then (and after reset_memory).
                 self.register_buffer("memory_BD", torch.zeros(0, D))
         if self.anticipation:
             d_in = 2 * D if self.beta else D
             self.predictor = nn.Sequential(
-                nn.Linear(d_in, self.predictor_mult * D), nn.GELU(), nn.Linear(self.predictor_mult * D, D)
+                nn.Linear(d_in, self.predictor_mult * D),
+                nn.GELU() if self.predictor_activation == "gelu" else nn.ReLU(),
+                nn.Linear(self.predictor_mult * D, D)
             )
             if self.anticipation_form == "additive":
                 self.anticipation_layer = nn.Linear(D, E, bias=False)
@@ -161,7 +188,7 @@ class TransitionRouter(SoftmaxTopK):
 
     @property
     def beta_D(self) -> Tensor:
-        """The current per-dimension ``beta``."""
+        """The current per-dimension ``beta`` (per expert with ``memory_form='capped_logit'``)."""
         return torch.sigmoid(self.logit_beta)
 
     def memory(self, x_BSD: Tensor) -> Tensor:
@@ -231,14 +258,27 @@ class TransitionRouter(SoftmaxTopK):
             self._warned_no_errors = True
         has_E = self.pending_weight_E > 0
         error_E = self.pending_error_E / self.pending_weight_E.clamp(min=torch.finfo(torch.float32).tiny)
-        a, var_E = self.precision_decay, self.precision_var_E
-        var_E.copy_(torch.where(has_E, a * var_E + (1 - a) * error_E, var_E))
+        self.update_precision(error_E, has_E)
         self._observed = self._errors_fed = False
+
+    @torch.no_grad()
+    def update_precision(self, error_E: Tensor, has_E: Tensor | None = None) -> None:
+        """One EMA step ``var <- a * var + (1 - a) * error`` (only where ``has_E``, default everywhere).
+
+        For modules that define the per-expert error themselves, e.g. the toy ablation's label-frequency error
+        (:func:`label_frequency_error`) applied once per time step, after the optimizer step."""
+        a, var_E = self.precision_decay, self.precision_var_E
+        new_E = a * var_E + (1 - a) * error_E.to(var_E)
+        var_E.copy_(new_E if has_E is None else torch.where(has_E, new_E, var_E))
 
     # ---- gate ----------------------------------------------------------------------------------------------
 
     def forward(self, x_BSD: Tensor) -> Routing:
-        D = x_BSD.shape[-1]
+        B, S, D = x_BSD.shape
+        if self.memory_form == "capped_logit":
+            current_BSE = self.logits(x_BSD.reshape(-1, D)).view(B, S, -1)
+            logits_TE = capped_integrate(current_BSE, self.logit_beta, self.memory_cap).reshape(B * S, -1)
+            return self.route(self.apply_precision(logits_TE) if self.precision else logits_TE)
         memory_BSD = self.memory(x_BSD) if self.beta else None  # fp32
         h_BSD = memory_BSD.to(x_BSD.dtype) if memory_BSD is not None else x_BSD
         losses: dict[str, Tensor] = {}
@@ -277,3 +317,10 @@ class TransitionRouter(SoftmaxTopK):
             f"{super().extra_repr()}, beta={self.beta}, precision={self.precision}, "
             f"anticipation={self.anticipation}"
         )
+
+
+def label_frequency_error(targets_B: Tensor, num_experts: int) -> Tensor:
+    """``err_E``: the share of the batch whose target expert is not ``i`` (the toy ablation's "prediction error",
+    spec §1.2). It depends only on the labels, so Pi converges to a constant per-expert temperature."""
+    counts_E = torch.bincount(targets_B.reshape(-1), minlength=num_experts).float()
+    return 1.0 - counts_E / targets_B.numel()
