@@ -1,0 +1,496 @@
+"""Small LightningModules of the domain-transition study (arXiv 2605.00604; transitions spec §2-§4), built on
+:class:`lightning_moe.gating.transitions.TransitionRouter`.
+
+Legend: B batch, S sequence, D model width, E experts, V vocabulary.
+
+- :class:`TransitionRoutingToy`: router only, trained to name the target expert of the toy routing task.
+- :class:`TransitionSequenceRouting`: one routing decision per sequence, at its last step (Table 1).
+- :class:`TransitionPrecisionRegression`: noisy regression experts under a precision-weighted gate (Tables 2-3).
+- :class:`TransitionCharLM`: the character "LM": embedding -> dense soft mixture of 2 experts on the current
+  embedding -> LayerNorm(x + mixture) -> head, no attention, so the router is the only path across time.
+
+The routing toy and the char LM log the transition metrics at the single validation at the end of fit (``val_check_interval`` =
+``max_steps``): held-out numbers under ``val/`` and the reference's running mean over the last 50 training
+batches under ``ref/``; each also saves ``transition_curve.json`` (per-position p(correct expert), aligned on
+each sequence's transition step) into the run folder for the report's plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.gating.transitions import TransitionRouter, label_frequency_error
+from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
+
+RouteOn = Literal["current", "next"]
+LAST_N = 50  # the reference reports the mean of the last 50 training batches
+ALIGN = 8  # curve positions kept either side of the transition step
+
+
+def experts_for_coverage(p: float, coverage: float = 0.99) -> float:
+    """``K = log(1 - coverage) / log(1 - p)``: independent gate draws needed to hit the right expert with
+    probability ``coverage`` (spec §2); 1 for p >= 0.999 and 999 for p <= 0.001, as the reference clips."""
+    if p >= 0.999:
+        return 1.0
+    if p <= 0.001:
+        return 999.0
+    return math.log(1 - coverage) / math.log(1 - p)
+
+
+class _AlignedCurve:
+    """Sums of a per-position quantity at offsets ``-ALIGN..ALIGN`` from each sequence's transition step."""
+
+    def __init__(self) -> None:
+        self.total_O = torch.zeros(2 * ALIGN + 1, dtype=torch.float64)
+        self.count_O = torch.zeros(2 * ALIGN + 1, dtype=torch.float64)
+
+    def add(self, value_BS: Tensor, transition_BS: Tensor) -> None:
+        S = value_BS.shape[1]
+        offset_BS = torch.arange(S) - transition_BS.float().argmax(dim=1, keepdim=True)
+        keep_BS = offset_BS.abs() <= ALIGN
+        index_N = (offset_BS[keep_BS] + ALIGN).long()
+        self.total_O.index_add_(0, index_N, value_BS[keep_BS].double().cpu())
+        self.count_O.index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.float64))
+
+    def mean(self) -> list[float | None]:
+        return [t / c if c else None for t, c in zip(self.total_O.tolist(), self.count_O.tolist())]
+
+
+def save_curve(module: pl.LightningModule, curves: dict[str, _AlignedCurve]) -> None:
+    """Write the aligned curves to ``<default_root_dir>/transition_curve.json`` (rank 0, real fits only)."""
+    trainer = module._trainer
+    if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
+        return
+    path = Path(trainer.default_root_dir) / "transition_curve.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"offsets": list(range(-ALIGN, ALIGN + 1)), **{k: c.mean() for k, c in curves.items()}}
+    path.write_text(json.dumps(data))
+
+
+class TransitionRoutingToy(pl.LightningModule):
+    """Router-only trainer of the toy routing task (spec §2): loss = sum over the S - 1 routed steps of the
+    batch-mean cross-entropy of the gate's logits against the target expert, plus the router's aux losses.
+
+    Args:
+        router: the gate (a :class:`TransitionRouter`; the ablation's eight conditions are its three flags, with
+            ``gate_bias=True``, ``anticipation_form='direct'``, ``predictor_activation='relu'``, no LB/z-loss).
+        d_model: input width D (16).
+        num_experts: E (4; the targets are 0 and 2).
+        route_on: ``current`` routes step t on ``x_t``; ``next`` on the true ``x_{t+1}`` (the oracle).
+        lr: Adam learning rate (3e-3).
+    """
+
+    def __init__(
+        self,
+        router: TransitionRouter,
+        d_model: int = 16,
+        num_experts: int = 4,
+        route_on: RouteOn = "current",
+        lr: float = 3e-3,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        check_positive("lr", lr)
+        if route_on not in ("current", "next"):
+            raise ValueError(f"route_on={route_on!r} is not a routing input; use 'current' or 'next' (oracle).")
+        if not isinstance(router, TransitionRouter):
+            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
+                            "lightning_moe.gating.TransitionRouter.")
+        self.save_hyperparameters(ignore=["router"])
+        router.bind(d_model, num_experts, num_experts)
+        self.router, self.route_on, self.lr = router, route_on, lr
+        self._recent_trans: list[Tensor] = []
+        self._recent_all: list[Tensor] = []
+
+    def gate(self, x_BSD: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``logits_BSE`` for the S - 1 routed steps and the router's aux losses."""
+        B, S, _ = x_BSD.shape
+        if self.route_on == "next":
+            routing = self.router(x_BSD[:, 1:])
+            return routing.logits_TE.view(B, S - 1, -1), routing.aux_losses
+        # The whole sequence goes in so the predictor at t = S - 2 has its target x_{S-1}; step S - 1 is dropped.
+        routing = self.router(x_BSD)
+        return routing.logits_TE.view(B, S, -1)[:, :-1], routing.aux_losses
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits_BSE, aux = self.gate(batch["x_BSD"])
+        target_BS = batch["target_BS"][:, :-1]
+        ce_BS = F.cross_entropy(logits_BSE.transpose(1, 2).float(), target_BS, reduction="none")
+        loss = ce_BS.mean(dim=0).sum() + sum(aux.values(), torch.zeros((), device=ce_BS.device))
+        with torch.no_grad():
+            correct_BS = (logits_BSE.argmax(-1) == target_BS).float()
+            trans_BS = batch["transition_BS"][:, :-1]
+            self._recent_trans = (self._recent_trans + [correct_BS[trans_BS].mean()])[-LAST_N:]
+            self._recent_all = (self._recent_all + [correct_BS.mean()])[-LAST_N:]
+        self._targets_BS = target_BS
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # With precision, Pi is fed the reference ablation's label-frequency error (the share of the batch whose
+        # target is not i), one EMA step per routed time step, after opt.step(), as the reference does.
+        if self.router.precision:
+            for t in range(self._targets_BS.shape[1]):
+                self.router.update_precision(label_frequency_error(self._targets_BS[:, t], self.router.num_experts))
+
+    def on_validation_epoch_start(self) -> None:
+        self._curves = {"p_correct": _AlignedCurve(), "acc": _AlignedCurve()}
+        self._sums = torch.zeros(4, dtype=torch.float64)  # p_trans, acc_trans, p_all, acc_all (sums)
+        self._counts = torch.zeros(2, dtype=torch.float64)  # transition tokens, all tokens
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits_BSE, _ = self.gate(batch["x_BSD"])
+        target_BS = batch["target_BS"][:, :-1]
+        trans_BS = batch["transition_BS"][:, :-1]
+        p_BS = logits_BSE.float().softmax(-1).gather(-1, target_BS[..., None]).squeeze(-1)
+        acc_BS = (logits_BSE.argmax(-1) == target_BS).float()
+        self._sums += torch.stack([p_BS[trans_BS].sum(), acc_BS[trans_BS].sum(), p_BS.sum(), acc_BS.sum()]).double().cpu()
+        self._counts += torch.tensor([trans_BS.sum().item(), p_BS.numel()], dtype=torch.float64)
+        self._curves["p_correct"].add(p_BS, trans_BS)
+        self._curves["acc"].add(acc_BS, trans_BS)
+
+    def on_validation_epoch_end(self) -> None:
+        p_trans, acc_trans = (self._sums[:2] / self._counts[0]).tolist()
+        p_all, acc_all = (self._sums[2:] / self._counts[1]).tolist()
+        metrics = {
+            "val/p_trans": p_trans, "val/acc_trans": acc_trans, "val/p_all": p_all, "val/acc_all": acc_all,
+            "val/k99_trans": experts_for_coverage(p_trans),
+        }
+        if self._recent_trans:
+            metrics["ref/acc_trans"] = torch.stack(self._recent_trans).mean().item()
+            metrics["ref/acc_all"] = torch.stack(self._recent_all).mean().item()
+            metrics["ref/k99_trans"] = experts_for_coverage(metrics["ref/acc_trans"])
+        if self.router.beta:
+            metrics["val/beta_mean"] = self.router.beta_D.mean().item()
+        if self.router.precision:
+            metrics.update({f"val/pi_{i}": v for i, v in enumerate(self.router.precision_E.tolist())})
+        self.log_dict(metrics)
+        save_curve(self, self._curves)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+Readout = Literal["last", "mean"]
+
+
+class TransitionSequenceRouting(pl.LightningModule):
+    """Table 1's router-only task (spec §5): one routing decision per sequence, read at its last step, trained
+    by cross-entropy against the sequence's target expert.
+
+    Logged at the end: ``ref/acc`` (argmax accuracy, mean of the last 50 training batches, the reference's
+    number), ``val/acc`` (held-out) and, with beta, ``val/beta_{i}``.
+
+    Args:
+        router: the gate; stateless last-token = no beta; the LIF rows = ``memory_form='capped_logit'``
+            (``learn_beta`` False for the fixed-beta row), all with ``gate_bias=True``.
+        d_model: input width D (16).
+        num_experts: E (4; the targets are 0 and 2).
+        readout: ``last`` routes on the last step's gate (of the memory, with beta); ``mean`` routes on the
+            mean of the inputs over the sequence (the mean-pool row).
+        loss_on_probabilities: apply the cross-entropy to the gate's softmax probabilities instead of its logits,
+            the reference's double softmax (spec §7.2), which Table 1's numbers were trained with; parity only.
+        lr: Adam learning rate (3e-3).
+    """
+
+    def __init__(
+        self,
+        router: TransitionRouter,
+        d_model: int = 16,
+        num_experts: int = 4,
+        readout: Readout = "last",
+        loss_on_probabilities: bool = False,
+        lr: float = 3e-3,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        check_positive("lr", lr)
+        if readout not in ("last", "mean"):
+            raise ValueError(f"readout={readout!r} is not a readout; use 'last' or 'mean'.")
+        if not isinstance(router, TransitionRouter):
+            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
+                            "lightning_moe.gating.TransitionRouter.")
+        self.save_hyperparameters(ignore=["router"])
+        router.bind(d_model, num_experts, num_experts)
+        self.router, self.readout, self.loss_on_probabilities, self.lr = router, readout, loss_on_probabilities, lr
+        self._recent: list[Tensor] = []
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        """``logits_BE`` of each sequence's single routing decision."""
+        if self.readout == "mean":
+            return self.router(x_BSD.mean(dim=1, keepdim=True)).logits_TE
+        B, S, _ = x_BSD.shape
+        return self.router(x_BSD).logits_TE.view(B, S, -1)[:, -1]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits_BE = self(batch["x_BSD"])
+        target_B = batch["target_BS"][:, -1]
+        scores_BE = logits_BE.float().softmax(-1) if self.loss_on_probabilities else logits_BE.float()
+        with torch.no_grad():
+            self._recent = (self._recent + [(logits_BE.argmax(-1) == target_B).float().mean()])[-LAST_N:]
+        return F.cross_entropy(scores_BE, target_B)
+
+    def on_validation_epoch_start(self) -> None:
+        self._correct = torch.zeros(2, dtype=torch.float64)  # correct, total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        target_B = batch["target_BS"][:, -1]
+        correct = (self(batch["x_BSD"]).argmax(-1) == target_B).sum().item()
+        self._correct += torch.tensor([correct, target_B.numel()], dtype=torch.float64)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val/acc": (self._correct[0] / self._correct[1]).item()}
+        if self._recent:
+            metrics["ref/acc"] = torch.stack(self._recent).mean().item()
+        if self.router.beta:
+            metrics.update({f"val/beta_{i}": v for i, v in enumerate(self.router.beta_D.tolist())})
+        self.log_dict(metrics)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class _Expert(nn.Module):
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransitionCharLM(pl.LightningModule):
+    """The character task's model (spec §4): ``logits = head(LayerNorm(x_t + sum_e g_te Expert_e(x_t)))`` with
+    ``x_t`` the character embedding and ``g_t`` the router's dense softmax over all E experts (no top-k).
+
+    Loss: per-token cross-entropy with the transition step weighted by ``transition_weight``, summed and divided
+    by the token count (not the weight sum, as in the reference), plus the router's aux losses.
+
+    Args:
+        router: the gate (``TransitionRouter``; Standard = no beta/anticipation, beta-MoE = beta, beta+Ant = beta
+            + additive anticipation; ``gate_bias=True``, no LB/z-loss in the reference).
+        vocab_size: V (26).
+        d_model: D (64).
+        num_experts: E (2).
+        d_expert: expert hidden width (256).
+        transition_weight: loss weight of the transition step (5.0).
+        lr: Adam learning rate (2e-3).
+    """
+
+    def __init__(
+        self,
+        router: TransitionRouter,
+        vocab_size: int = 26,
+        d_model: int = 64,
+        num_experts: int = 2,
+        d_expert: int = 256,
+        transition_weight: float = 5.0,
+        lr: float = 2e-3,
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("num_experts", num_experts),
+                            ("d_expert", d_expert)):
+            check_positive_int(name, value)
+        check_non_negative("transition_weight", transition_weight)
+        check_positive("lr", lr)
+        if not isinstance(router, TransitionRouter):
+            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
+                            "lightning_moe.gating.TransitionRouter.")
+        self.save_hyperparameters(ignore=["router"])
+        router.bind(d_model, num_experts, num_experts)
+        self.router = router
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.experts = nn.ModuleList(_Expert(d_model, d_expert) for _ in range(num_experts))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        self.transition_weight, self.lr = transition_weight, lr
+
+    def forward(self, tokens_BS: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(logits_BSV, gates_BSE, aux_losses)``."""
+        B, S = tokens_BS.shape
+        x_BSD = self.embedding(tokens_BS)
+        routing = self.router(x_BSD)
+        gates_BSE = routing.scores_TE.view(B, S, -1)
+        # The experts read only the current embedding, a function of the token id: evaluate them once per
+        # vocabulary entry and gather (the same function and gradients, V = 26 rows instead of B * S).
+        outs_VDE = torch.stack([expert(self.embedding.weight) for expert in self.experts], dim=-1)
+        outs_BSDE = outs_VDE[tokens_BS]
+        mixed_BSD = (outs_BSDE * gates_BSE.unsqueeze(2).to(outs_BSDE.dtype)).sum(-1)
+        return self.head(self.norm(x_BSD + mixed_BSD)), gates_BSE, routing.aux_losses
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits_BSV, _, aux = self(batch["tokens_BS"])
+        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["target_BS"], reduction="none")
+        weight_BS = 1.0 + (self.transition_weight - 1.0) * batch["transition_BS"].float()
+        loss = (ce_BS * weight_BS).mean() + sum(aux.values(), torch.zeros((), device=ce_BS.device))
+        if batch_idx % 50 == 0:
+            self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        E = len(self.experts)
+        self._gate_sum_2E = torch.zeros(2, E, dtype=torch.float64)  # per domain of the predicted char
+        self._gate_count_2 = torch.zeros(2, dtype=torch.float64)
+        self._gates, self._ce, self._trans, self._domain = [], [], [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits_BSV, gates_BSE, _ = self(batch["tokens_BS"])
+        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["target_BS"], reduction="none")
+        domain_BS = batch["domain_BS"]
+        for d in (0, 1):
+            mask_BS = domain_BS == d
+            self._gate_sum_2E[d] += gates_BSE[mask_BS].sum(0).double().cpu()
+            self._gate_count_2[d] += mask_BS.sum().item()
+        self._gates.append(gates_BSE.float().cpu())
+        self._ce.append(ce_BS.cpu())
+        self._trans.append(batch["transition_BS"].cpu())
+        self._domain.append(domain_BS.cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        # The B expert is the one whose mean gate rises most from domain A to B (the reference's
+        # identify_domain_experts, here on the same held-out batches as the evaluation).
+        mean_2E = self._gate_sum_2E / self._gate_count_2.clamp(min=1)[:, None]
+        expert_b = int((mean_2E[1] - mean_2E[0]).argmax())
+        gates_BSE, ce_BS = torch.cat(self._gates), torch.cat(self._ce)
+        trans_BS, domain_BS = torch.cat(self._trans), torch.cat(self._domain)
+        p_b_BS = gates_BSE[..., expert_b]
+        offset_BS = torch.arange(ce_BS.shape[1]) - trans_BS.float().argmax(dim=1, keepdim=True)
+        mid_BS = (offset_BS >= 3) & (offset_BS <= 20)  # the reference's slice(34, 52) for a switch at 32
+        p_trans = p_b_BS[trans_BS].mean().item()
+        ln2 = math.log(2)
+        self.log_dict({
+            "val/bpc_all": ce_BS.mean().item() / ln2,
+            "val/bpc_trans": ce_BS[trans_BS].mean().item() / ln2,
+            "val/p_b_trans": p_trans,
+            "val/p_b_mid": p_b_BS[mid_BS].mean().item(),
+            "val/k99_trans": experts_for_coverage(p_trans),
+            "val/specialisation": (mean_2E[1, expert_b] / mean_2E[0, expert_b].clamp(min=1e-12)).item(),
+        })
+        curve = _AlignedCurve()
+        # p(correct expert): the B expert's gate on B-domain targets, the other experts' share on A targets.
+        curve.add(torch.where(domain_BS == 1, p_b_BS, 1 - p_b_BS), trans_BS)
+        bpc = _AlignedCurve()
+        bpc.add(ce_BS / ln2, trans_BS)
+        save_curve(self, {"p_correct": curve, "bpc": bpc})
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class TransitionPrecisionRegression(pl.LightningModule):
+    """The precision-gating task (spec §1.2, Tables 2-3): a dense soft mixture of E small regression experts
+    whose outputs carry Gaussian noise of a per-expert std (their "reliability"), optionally swapped at
+    ``shift_step``; loss = MSE of the mixture to the target.
+
+    With ``router.precision`` the gate's Pi is fed, after each optimizer step, the batch-mean squared error of
+    each expert's (noisy) output to the target (the reference's precision_gating.py), so Pi tracks reliability.
+    Logged at the end (one validation at ``max_steps``): ``val/early_loss`` / ``val/final_loss`` (mean training
+    loss over the first / last 100 steps, the reference's Table 2), the final Pi and ``val/pi_contrast`` =
+    Pi_0 / Pi_2, and ``val/crossover_step``: the first step at or after the shift with Pi_0 < Pi_2. The per-step
+    Pi and losses go to ``precision_trajectory.json`` in the run folder (Table 3).
+
+    Args:
+        router: the gate (``TransitionRouter`` with ``gate_bias=True``; affinity = no precision).
+        d_model: input width D (16).
+        d_expert: expert hidden width (32; experts are Linear -> ReLU -> Linear to one output).
+        expert_noise: output-noise std of each expert (its length is E).
+        shifted_noise: the stds from ``shift_step`` on; ``None`` keeps them static.
+        shift_step: the optimizer step of the reliability shift.
+        lr: Adam learning rate (3e-3).
+    """
+
+    def __init__(
+        self,
+        router: TransitionRouter,
+        d_model: int = 16,
+        d_expert: int = 32,
+        expert_noise: tuple[float, ...] = (0.1, 0.5, 1.5, 0.5),
+        shifted_noise: tuple[float, ...] | None = None,
+        shift_step: int = 500,
+        lr: float = 3e-3,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("d_expert", d_expert)
+        check_positive_int("shift_step", shift_step)
+        check_positive("lr", lr)
+        if not isinstance(router, TransitionRouter):
+            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
+                            "lightning_moe.gating.TransitionRouter.")
+        if len(expert_noise) < 2 or any(s < 0 for s in expert_noise):
+            raise ValueError(f"expert_noise={list(expert_noise)} needs one std >= 0 per expert (at least 2).")
+        if shifted_noise is not None and (len(shifted_noise) != len(expert_noise) or any(s < 0 for s in shifted_noise)):
+            raise ValueError(f"shifted_noise={list(shifted_noise)} needs one std >= 0 per expert, like "
+                             f"expert_noise={list(expert_noise)}; or null for static reliability.")
+        self.save_hyperparameters(ignore=["router"])
+        E = len(expert_noise)
+        router.bind(d_model, E, E)
+        self.router = router
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_model, d_expert), nn.ReLU(), nn.Linear(d_expert, 1)) for _ in range(E)
+        )
+        self.expert_noise, self.shifted_noise, self.shift_step, self.lr = expert_noise, shifted_noise, shift_step, lr
+        self._losses: list[Tensor] = []
+        self._precision: list[Tensor] = []
+
+    def noise_E(self, step: int) -> Tensor:
+        shifted = self.shifted_noise is not None and step >= self.shift_step
+        return torch.tensor(self.shifted_noise if shifted else self.expert_noise, dtype=torch.float32)
+
+    def forward(self, x_BD: Tensor, noise_E: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mixture_B1, expert_outputs_BE1)`` with each expert's output noise added."""
+        gates_BE = self.router(x_BD[:, None]).scores_TE
+        outs_BE1 = torch.stack([expert(x_BD) for expert in self.experts], dim=1)
+        outs_BE1 = outs_BE1 + torch.randn_like(outs_BE1) * noise_E.to(outs_BE1)[:, None]
+        return (gates_BE[..., None].to(outs_BE1.dtype) * outs_BE1).sum(1), outs_BE1
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out_B1, outs_BE1 = self(batch["x_BD"], self.noise_E(self.global_step))
+        loss = F.mse_loss(out_B1, batch["target_B1"])
+        self._losses.append(loss.detach())
+        self._errors_E = ((outs_BE1.detach() - batch["target_B1"][:, None]) ** 2).mean(dim=(0, 2))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # After opt.step(), as the reference: the next step's Pi includes this step's errors.
+        if self.router.precision:
+            self.router.update_precision(self._errors_E)
+            self._precision.append(self.router.precision_E.clone())
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out_B1, _ = self(batch["x_BD"], self.noise_E(self.global_step))
+        self.log("val/mse", F.mse_loss(out_B1, batch["target_B1"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._losses:
+            return
+        losses = torch.stack(self._losses)
+        metrics = {"val/early_loss": losses[:100].mean().item(), "val/final_loss": losses[-100:].mean().item()}
+        trajectory: dict[str, list] = {"loss": losses.tolist()}
+        if self._precision:
+            pi_NE = torch.stack(self._precision)
+            metrics.update({f"val/pi_{i}": v for i, v in enumerate(pi_NE[-1].tolist())})
+            metrics["val/pi_contrast"] = (pi_NE[-1, 0] / pi_NE[-1, 2]).item()
+            if self.shifted_noise is not None:
+                after_N = torch.arange(len(pi_NE)) >= self.shift_step
+                crossed_N = after_N & (pi_NE[:, 0] < pi_NE[:, 2])
+                metrics["val/crossover_step"] = float(crossed_N.float().argmax()) if crossed_N.any() else float("nan")
+            trajectory["precision"] = pi_NE.tolist()
+        self.log_dict(metrics)
+        trainer = self._trainer
+        if trainer is not None and trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / "precision_trajectory.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(trajectory))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

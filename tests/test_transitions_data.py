@@ -1,0 +1,78 @@
+"""The transition study's synthetic tasks: labels, switch positions, Markov statistics, determinism."""
+
+import pytest
+import torch
+
+from lightning_moe.data.transitions import (
+    TransitionTaskDataModule,
+    chars_batch,
+    early_signal_batch,
+    markov_chain,
+    routing_batch,
+)
+
+
+def test_routing_labels_follow_the_next_steps_domain():
+    g = torch.Generator().manual_seed(0)
+    b = routing_batch(g, 64, 12, 6, 6, noise=0.0)
+    # Noise-free inputs are the domain signal itself: +1 on dims [8d, 8d + 8).
+    assert torch.equal(b["x_BSD"][..., 8:].mean(-1), b["domain_BS"].float())
+    assert torch.equal(b["x_BSD"][..., :8].mean(-1), 1.0 - b["domain_BS"].float())
+    assert torch.equal(b["domain_BS"][:, 6], 1 - b["domain_BS"][:, 5])
+    assert torch.equal(b["target_BS"][:, :11], 2 * b["domain_BS"][:, 1:])
+    assert b["transition_BS"].sum(1).eq(1).all() and b["transition_BS"][:, 5].all()
+    # At the transition step the input is the old domain but the target the new expert.
+    assert torch.equal(b["target_BS"][:, 5], 2 * (1 - b["domain_BS"][:, 5]))
+
+
+def test_random_switch_covers_the_range_and_marks_each_sequences_own_transition():
+    b = routing_batch(torch.Generator().manual_seed(1), 4000, 12, 3, 9)
+    assert set(b["switch_B"].tolist()) == set(range(3, 10))
+    assert torch.equal(b["transition_BS"].float().argmax(1), b["switch_B"] - 1)
+    changed_BS = b["domain_BS"][:, 1:] != b["domain_BS"][:, :-1]
+    assert torch.equal(changed_BS.float().argmax(1) + 1, b["switch_B"])
+
+
+def test_markov_chain_has_the_reference_transition_probabilities():
+    states = markov_chain(torch.Generator().manual_seed(2), 4000, 50)
+    step = (states[:, 1:] - states[:, :-1]) % 13
+    # P(+1) = 0.7 + 0.15/13 = 0.7115, P(+2) = 0.15 + 0.15/13 = 0.1615 (spec §4).
+    assert (step == 1).float().mean().item() == pytest.approx(0.7115, abs=0.005)
+    assert (step == 2).float().mean().item() == pytest.approx(0.1615, abs=0.005)
+    assert (step == 5).float().mean().item() == pytest.approx(0.0115, abs=0.002)
+
+
+def test_chars_are_a_then_b_with_shifted_targets():
+    b = chars_batch(torch.Generator().manual_seed(3), 32, 64, 32, 32)
+    assert b["tokens_BS"].shape == (32, 63)
+    assert (b["tokens_BS"][:, :32] < 13).all() and (b["tokens_BS"][:, 32:] >= 13).all()
+    assert torch.equal(b["tokens_BS"][:, 1:], b["target_BS"][:, :-1])
+    assert b["transition_BS"][:, 31].all() and b["transition_BS"].sum().item() == 32
+    assert torch.equal(b["domain_BS"], (b["target_BS"] >= 13).long())
+
+
+def test_streams_are_deterministic_fresh_per_step_and_validation_is_separate():
+    dm = TransitionTaskDataModule(batch_size=8, val_batch_size=8, val_batches=2, seed=5)
+    first, second = list(zip(range(2), dm.train_dataloader()))
+    again = next(iter(TransitionTaskDataModule(batch_size=8, seed=5).train_dataloader()))
+    assert torch.equal(first[1]["x_BSD"], again["x_BSD"])
+    assert not torch.equal(first[1]["x_BSD"], second[1]["x_BSD"])
+    val = list(dm.val_dataloader())
+    assert len(val) == 2 and not torch.equal(val[0]["x_BSD"], first[1]["x_BSD"])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"task": "text"}, "task"), ({"switch_low": 0}, "switch_low"), ({"switch_high": 12}, "switch_high"),
+    ({"switch_low": 7, "switch_high": 6}, "switch_low"), ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_settings_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TransitionTaskDataModule(**kwargs)
+
+
+def test_early_signal_carries_the_domain_only_in_the_first_steps():
+    b = early_signal_batch(torch.Generator().manual_seed(6), 16, 8, 3, noise=0.0)
+    domain = b["domain_BS"][:, 0]
+    assert torch.equal(b["x_BSD"][:, :3, 8:].mean(-1), domain[:, None].float().expand(16, 3))
+    assert b["x_BSD"][:, 3:].abs().sum() == 0
+    assert torch.equal(b["target_BS"][:, -1], 2 * domain)

@@ -1,0 +1,163 @@
+"""The transition study's LightningModules and the gating options they use (gate bias, ReLU predictor,
+label-frequency precision), each against a hand-written reference."""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_moe.data.transitions import chars_batch, regression_batch, routing_batch
+from lightning_moe.gating import TransitionRouter
+from lightning_moe.gating.transitions import label_frequency_error
+from lightning_moe.modules.transitions import (
+    TransitionCharLM,
+    TransitionPrecisionRegression,
+    TransitionRoutingToy,
+    TransitionSequenceRouting,
+    experts_for_coverage,
+)
+
+PLAIN = {"beta": False, "precision": False, "anticipation": False, "gate_bias": True, "load_balancing_weight": 0.0,
+             "z_loss_weight": 0.0}
+
+
+def test_coverage_k_matches_the_papers_numbers():
+    # Paper §3.4: p = 0.006 -> K = 765.2, p = 0.748 -> 3.34; the reference clips at 0.001 / 0.999.
+    assert experts_for_coverage(0.006) == pytest.approx(765.2, abs=0.1)
+    assert experts_for_coverage(0.748) == pytest.approx(3.34, abs=0.01)
+    assert experts_for_coverage(0.9995) == 1.0 and experts_for_coverage(0.0005) == 999.0
+
+
+def test_label_frequency_error_is_the_share_not_targeting_each_expert():
+    targets = torch.tensor([0, 0, 2, 0])
+    torch.testing.assert_close(label_frequency_error(targets, 4), torch.tensor([0.25, 1.0, 0.75, 1.0]))
+
+
+def test_update_precision_is_one_ema_step():
+    router = TransitionRouter(**{**PLAIN, "precision": True}, precision_init_var=0.5)
+    router.bind(4, 4, 4)
+    router.update_precision(torch.tensor([0.0, 1.0, 0.5, 1.0]))
+    torch.testing.assert_close(router.precision_var_E, torch.tensor([0.475, 0.525, 0.5, 0.525]))
+
+
+def test_gate_bias_and_relu_predictor_options_build_the_reference_layers():
+    router = TransitionRouter(**{**PLAIN, "anticipation": True}, predictor_activation="relu",
+                              anticipation_form="direct")
+    router.bind(16, 4, 4)
+    assert router.layer.bias is not None and isinstance(router.predictor[1], torch.nn.ReLU)
+    with pytest.raises(ValueError, match="predictor_activation"):
+        TransitionRouter(predictor_activation="tanh")
+
+
+def toy(**router_kwargs):
+    torch.manual_seed(0)
+    return TransitionRoutingToy(TransitionRouter(**{**PLAIN, **router_kwargs}))
+
+
+def test_toy_loss_is_the_sum_over_routed_steps_of_the_batch_mean_ce():
+    model = toy()
+    batch = routing_batch(torch.Generator().manual_seed(0), 8, 12, 6, 6)
+    logits = model.router.layer(batch["x_BSD"][:, :11])
+    expected = sum(F.cross_entropy(logits[:, t], batch["target_BS"][:, t]) for t in range(11))
+    torch.testing.assert_close(model.training_step(batch, 0), expected)
+
+
+def test_oracle_routes_each_step_on_the_next_input():
+    model = TransitionRoutingToy(TransitionRouter(**PLAIN), route_on="next")
+    x = torch.randn(2, 12, 16)
+    logits, _ = model.gate(x)
+    torch.testing.assert_close(logits, model.router.layer(x[:, 1:]))
+
+
+def test_toy_precision_takes_one_label_frequency_step_per_routed_step():
+    model = toy(precision=True, precision_init_var=0.5)
+    batch = routing_batch(torch.Generator().manual_seed(1), 8, 12, 6, 6)
+    model.training_step(batch, 0)
+    model.on_train_batch_end(None, batch, 0)
+    var = torch.full((4,), 0.5)
+    for t in range(11):
+        var = 0.95 * var + 0.05 * label_frequency_error(batch["target_BS"][:, t], 4)
+    torch.testing.assert_close(model.router.precision_var_E, var)
+
+
+def test_char_lm_gathers_expert_outputs_exactly_as_per_token_evaluation():
+    torch.manual_seed(0)
+    model = TransitionCharLM(TransitionRouter(**{**PLAIN, "beta": True}), d_model=8, d_expert=16)
+    tokens = chars_batch(torch.Generator().manual_seed(0), 3, 16, 8, 8)["tokens_BS"]
+    logits, gates, _ = model(tokens)
+    x = model.embedding(tokens)
+    mixed = sum(gates[..., e : e + 1] * expert(x) for e, expert in enumerate(model.experts))
+    torch.testing.assert_close(logits, model.head(model.norm(x + mixed)), rtol=1e-5, atol=1e-5)
+
+
+def test_char_lm_weights_the_transition_step_and_divides_by_the_token_count():
+    torch.manual_seed(0)
+    model = TransitionCharLM(TransitionRouter(**PLAIN), d_model=8, d_expert=16, transition_weight=5.0)
+    batch = chars_batch(torch.Generator().manual_seed(1), 4, 16, 8, 8)
+    logits, _, _ = model(batch["tokens_BS"])
+    ce = F.cross_entropy(logits.reshape(-1, 26), batch["target_BS"].reshape(-1), reduction="none").view(4, 15)
+    expected = (ce.sum() + 4 * ce[:, 7].sum()) / ce.numel()
+    torch.testing.assert_close(model.training_step(batch, 1), expected)
+
+
+def test_modules_reject_a_router_that_is_not_a_transition_router():
+    from lightning_moe.gating import SoftmaxTopK
+
+    with pytest.raises(TypeError, match="router"):
+        TransitionRoutingToy(SoftmaxTopK())
+    with pytest.raises(ValueError, match="route_on"):
+        TransitionRoutingToy(TransitionRouter(**PLAIN), route_on="previous")
+
+
+def test_capped_logit_membrane_matches_the_reference_loop():
+    torch.manual_seed(0)
+    router = TransitionRouter(**{**PLAIN, "beta": True}, memory_form="capped_logit", init_beta=0.75)
+    router.bind(16, 4, 4)
+    x = torch.randn(3, 8, 16)
+    u = torch.zeros(3, 4)
+    for t in range(8):  # beta_routing.py: U = beta U + W x_t; U = U - relu(U - theta)
+        u = 0.75 * u + router.layer(x[:, t])
+        u = u - F.relu(u - 1.0)
+    torch.testing.assert_close(router(x).logits_TE.view(3, 8, 4)[:, -1], u)
+    assert router.logit_beta.shape == (4,)
+
+
+def test_fixed_beta_is_not_learned_and_capped_memory_rejects_anticipation():
+    router = TransitionRouter(**{**PLAIN, "beta": True}, memory_form="capped_logit", learn_beta=False)
+    router.bind(16, 4, 4)
+    assert not router.logit_beta.requires_grad
+    with pytest.raises(ValueError, match="capped_logit"):
+        TransitionRouter(beta=True, anticipation=True, memory_form="capped_logit")
+
+
+def test_sequence_routing_reads_the_last_step_or_the_mean_and_can_use_the_double_softmax():
+    torch.manual_seed(0)
+    last = TransitionSequenceRouting(TransitionRouter(**PLAIN))
+    mean = TransitionSequenceRouting(TransitionRouter(**PLAIN), readout="mean", loss_on_probabilities=True)
+    batch = routing_batch(torch.Generator().manual_seed(0), 8, 8, 4, 4)
+    x, target = batch["x_BSD"], batch["target_BS"][:, -1]
+    torch.testing.assert_close(last(x), last.router.layer(x[:, -1]))
+    probs = mean.router.layer(x.mean(1)).softmax(-1)
+    torch.testing.assert_close(mean.training_step(batch, 0), F.cross_entropy(probs, target))
+
+
+def test_precision_regression_feeds_pi_the_noisy_expert_errors_and_swaps_reliability():
+    torch.manual_seed(0)
+    model = TransitionPrecisionRegression(TransitionRouter(**{**PLAIN, "precision": True}),
+                                          shifted_noise=(1.5, 0.5, 0.1, 0.5), shift_step=3)
+    torch.testing.assert_close(model.noise_E(2), torch.tensor([0.1, 0.5, 1.5, 0.5]))
+    torch.testing.assert_close(model.noise_E(3), torch.tensor([1.5, 0.5, 0.1, 0.5]))
+    batch = regression_batch(torch.Generator().manual_seed(0), 64)
+    model.training_step(batch, 0)
+    errors = model._errors_E.clone()
+    model.on_train_batch_end(None, batch, 0)
+    torch.testing.assert_close(model.router.precision_var_E, 0.95 + 0.05 * errors)
+    # The noisiest expert (std 1.5 -> variance 2.25) has by far the largest error.
+    assert errors.argmax().item() == 2 and errors[2] > 1.5
+
+
+def test_regression_target_is_the_mean_of_the_domains_half():
+    b = regression_batch(torch.Generator().manual_seed(4), 32)
+    for i in range(32):
+        d = b["domain_B"][i].item()
+        assert b["target_B1"][i, 0].item() == pytest.approx(b["x_BD"][i, 8 * d : 8 * d + 8].mean().item(), abs=1e-6)
