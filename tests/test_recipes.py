@@ -7,9 +7,15 @@ import pytest
 import yaml
 
 from lightning_moe.cli import main
+from lightning_moe.studies.spec import load_study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# study.yaml files describe grids for the study runner; every other YAML under recipes/ is a LightningCLI config.
+# study.yaml files describe grids for the study runner; every other YAML under recipes/ is a LightningCLI config,
+# parsed on top of the base configs of the study whose condition adds it (an overlay) or on its own.
+OVERLAY_BASES = {
+    config: study.base for study in map(load_study, (ROOT / "recipes").rglob("study.yaml"))
+    for condition in study.conditions for config in condition.configs
+}
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.name != "study.yaml")
 
 
@@ -20,7 +26,8 @@ def test_recipes_exist():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_recipe_parses(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(recipe), "--print_config"])
+        args = [a for base in OVERLAY_BASES.get(recipe, ()) for a in ("--config", str(base))]
+        main(["fit", *args, "--config", str(recipe), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
