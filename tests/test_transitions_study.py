@@ -11,7 +11,7 @@ from lightning_moe.studies import load_study, plan_runs
 from lightning_moe.studies.runner import read_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "transitions"
-STUDIES = {"toy": (ROOT, 13 * 5), "lm": (ROOT / "lm", 5), "precision": (ROOT / "precision", 4),
+STUDIES = {"toy": (ROOT, 13 * 5), "lm": (ROOT / "lm", 5 * 5), "precision": (ROOT / "precision", 4),
            "beta": (ROOT / "beta", 8)}
 
 

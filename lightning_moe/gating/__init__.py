@@ -5,6 +5,7 @@ from lightning_moe.gating.expert_choice import ExpertChoice
 from lightning_moe.gating.kmeans import KMeansRouter
 from lightning_moe.gating.loss_free import BiasBalancedRouter, SigmoidTopK
 from lightning_moe.gating.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
+from lightning_moe.gating.oracle import OracleRouter
 from lightning_moe.gating.softmax_topk import SoftmaxTopK
 from lightning_moe.gating.temporal import leaky_integrate
 from lightning_moe.gating.transitions import MemoryRouting, TransitionRouter
@@ -14,6 +15,7 @@ __all__ = [
     "ExpertChoice",
     "KMeansRouter",
     "MemoryRouting",
+    "OracleRouter",
     "Router",
     "Routing",
     "SigmoidTopK",

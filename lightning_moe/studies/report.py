@@ -92,6 +92,11 @@ class ReportContext:
         """The finished rows of ``condition``, by seed."""
         return sorted((r for r in self.results.ok.values() if r["condition"] == condition), key=lambda r: r["seed"])
 
+    def artifact(self, run_id: str, name: str) -> Any:
+        """The JSON file ``name`` a run wrote into its folder, parsed; None when the run did not write it."""
+        path = self.run_dir(run_id) / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def plot(self, name: str) -> Path:
         """Where to save the plot ``name`` (a file name with its suffix); the folder exists."""
         path = self.report_dir / PLOTS_DIR / name
@@ -130,7 +135,7 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _mean_std_text(mean: float | None, std: float | None) -> str:
+def mean_std_text(mean: float | None, std: float | None) -> str:
     """``mean ± std``, the mean alone for one seed, a dash for none."""
     if mean is None:
         return _DASH
@@ -140,7 +145,7 @@ def _mean_std_text(mean: float | None, std: float | None) -> str:
 
 def _paper_text(value: PaperValue | None) -> str:
     """The paper's number as the report shows it."""
-    return _DASH if value is None else _mean_std_text(value.mean, value.std)
+    return _DASH if value is None else mean_std_text(value.mean, value.std)
 
 
 def _cell(text: Any) -> str:
@@ -148,7 +153,7 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table."""
     lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
@@ -191,19 +196,26 @@ def _slug(metric: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in metric).strip("_")
 
 
+def figure(width: float, height: float):
+    """A matplotlib ``Figure`` with an Agg canvas: the object API touches no global pyplot state or backend, so
+    reports can be drawn from any process (matplotlib is the optional ``plots`` extra)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_metric(study: Study, results: Results, metric: str, path: Path) -> bool:
     """One PNG: each condition's seeds (dots), mean ± std (bar) and the paper's number (red diamond, with its std
     where the paper gives one). False when there is nothing to plot. Uses matplotlib's object API, so no global
     pyplot state or backend is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     conditions = results.conditions()
     per = [results.values(c, metric) for c in conditions]
     if not any(per):
         return False
-    fig = Figure(figsize=(max(4.0, 0.8 * len(conditions) + 2.0), 3.4))
-    FigureCanvasAgg(fig)
+    fig = figure(max(4.0, 0.8 * len(conditions) + 2.0), 3.4)
     ax = fig.add_subplot()
     label = "ours, one seed"  # on the first condition with values only, so the legend lists it once
     for i, vals in enumerate(per):
@@ -294,7 +306,7 @@ def render(
     ]
     shown = [c for c in study.conditions if c.name in results.conditions()]
     described = any(c.description for c in shown)
-    out += _table(["condition", "overrides (on top of the base config)"] + (["description"] if described else []),
+    out += markdown_table(["condition", "overrides (on top of the base config)"] + (["description"] if described else []),
                   [[c.name, _code(c.overrides)] + ([c.description] if described else []) for c in shown])
     extra = [f"every condition also gets {_code(study.overrides)}"] if study.overrides else []
     if smoke:
@@ -312,10 +324,10 @@ def render(
         n = sum(1 for r in ok_rows if r["condition"] == c)
         row: list[Any] = [c, n]
         for m in study.metrics:
-            row += [_mean_std_text(*mean_std(list(results.values(c, m).values()))),
+            row += [mean_std_text(*mean_std(list(results.values(c, m).values()))),
                     _paper_text(study.paper_value(c, m))]
         table.append(row)
-    out += _table(header, table)
+    out += markdown_table(header, table)
     out += ["", "Metrics: " + "; ".join(f"`{k}` = {v}" for k, v in study.metrics.items()) + ".", ""]
     not_logged = [(c, m) for c in results.conditions() for m in study.metrics
                   if any(r["condition"] == c for r in ok_rows) and not results.values(c, m)]
@@ -336,7 +348,7 @@ def render(
         out += [f"{counts['holds']} hold, {counts['fails']} fail, {counts['n/a']} cannot be decided (a number is "
                 "missing). Verdicts use the means over seeds; `seeds` counts the seeds in which the claim holds on "
                 "that seed's own numbers; `paper` checks the same claim on the paper's numbers.", ""]
-        out += _table(
+        out += markdown_table(
             ["claim", "verdict", "deciding numbers (ours)", "seeds", "paper"],
             [(c.name + (f" ({c.note})" if c.note else ""), f"**{'FAILS' if o.status == 'fails' else o.status}**",
               o.detail, s, p.status if p.status == "n/a" else f"{p.status}: {p.detail}")
@@ -354,7 +366,7 @@ def render(
     if problems or results.missing:
         out += ["## Problems", ""]
         if problems:
-            out += _table(["run", "status", "error", "overrides", "log"],
+            out += markdown_table(["run", "status", "error", "overrides", "log"],
                           [(r["run_id"], r["status"], r.get("error") or "", _code(r.get("overrides", {})),
                             r.get("log", "")) for r in problems])
             out.append("")
@@ -368,7 +380,7 @@ def render(
     rows = [[r["run_id"], r["seed"], f"{r.get('wall_s', 0):.1f}", r.get("global_step", "")]
             + [_num(r["metrics"][m]) if m in r["metrics"] else _DASH for m in study.metrics] + [r.get("log", "")]
             for r in sorted(ok_rows, key=lambda r: (results.conditions().index(r["condition"]), r["seed"]))]
-    out += _table(header, rows)
+    out += markdown_table(header, rows)
     out += ["", "## Hardware and time", ""] + _hardware_lines(ok_rows) + _wall_lines(ok_rows)
     out += ["", f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
             f"`lightning-moe study report{' --smoke' if smoke else ''}` from the rows file._", ""]

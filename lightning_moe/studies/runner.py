@@ -27,9 +27,9 @@ import contextlib
 import datetime as dt
 import io
 import json
-import os
 import multiprocessing
 import multiprocessing.connection
+import os
 import platform
 import re
 import shlex

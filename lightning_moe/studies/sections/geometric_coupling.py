@@ -7,16 +7,14 @@ final logged values in the rows file and each run's ``coupling.json``
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from lightning_moe.callbacks.coupling import HEADLINE, combo_name
 from lightning_moe.callbacks.plots import matplotlib_available
 from lightning_moe.metrics.coupling import RESPONSES, SCORES
-from lightning_moe.studies.report import ReportContext, _mean_std_text, _table, mean_std
+from lightning_moe.studies.report import ReportContext, figure, markdown_table, mean_std, mean_std_text
 
 ARTIFACT = "coupling.json"
 _DASH = "—"
@@ -26,15 +24,9 @@ PAPER_PPL = {"loss_free": (15.01, 11.76), "kmeans": (15.40, 12.09)}  # (train, C
 PAPER_RHO, PAPER_P = 0.43, "1.2e-81"
 
 
-def _artifact(ctx: ReportContext, row: dict[str, Any]) -> dict[str, Any] | None:
-    """A run's ``coupling.json``, or None when it did not write one."""
-    path = ctx.run_dir(row["run_id"]) / ARTIFACT
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _text(values: Sequence[float]) -> str:
     """Mean ± std over seeds, or a dash."""
-    return _mean_std_text(*mean_std([v for v in values if v is not None and not math.isnan(v)]))
+    return mean_std_text(*mean_std([v for v in values if v is not None and not math.isnan(v)]))
 
 
 def _final(ctx: ReportContext, condition: str, key: str) -> list[float]:
@@ -54,14 +46,14 @@ def _per_layer_table(ctx: ReportContext, layers: list[str], key: Callable[[str],
         row += [_text(_final(ctx, c, mean_key))] if mean_key else []
         row += [paper(c)] if paper else []
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _history(ctx: ReportContext, condition: str, key: str) -> tuple[list[int], list[float]]:
     """Steps and the mean over seeds of ``key`` at each validation of ``condition`` (steps every seed has)."""
     per_seed = []
     for r in ctx.runs(condition):
-        art = _artifact(ctx, r)
+        art = ctx.artifact(r["run_id"], ARTIFACT)
         if art:
             per_seed.append({h["step"]: h["metrics"][key] for h in art["history"] if key in h["metrics"]})
     if not per_seed:
@@ -72,11 +64,8 @@ def _history(ctx: ReportContext, condition: str, key: str) -> tuple[list[int], l
 
 def _figure(panels: int, width: float = 5.0, height: float = 3.4):
     """A row of ``panels`` axes (matplotlib's object API: no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * panels, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(width * panels, height)
+    fig.set_layout_engine("constrained")
     return fig, fig.subplots(1, panels, squeeze=False)[0].tolist()
 
 
@@ -142,7 +131,7 @@ def _perplexity(ctx: ReportContext) -> list[str]:
         paper = (f"{train} / {c4} ({train / PAPER_PPL['loss_free'][0] - 1:+.1%} / {c4 / PAPER_PPL['loss_free'][1] - 1:+.1%})"
                  if train else _DASH)
         rows.append([c, _text([math.exp(v) for v in losses]), delta, paper])
-    return out + _table(["condition", "PPL (ours)", "vs loss_free", "paper train / C4 PPL (vs loss_free)"], rows) + [""]
+    return out + markdown_table(["condition", "PPL (ours)", "vs loss_free", "paper train / C4 PPL (vs loss_free)"], rows) + [""]
 
 
 def _geometry(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
@@ -166,7 +155,7 @@ def _geometry(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
         nn = [statistics.fmean(v) for v in zip(*(_final(ctx, c, f"val/geometry/{l}/nn_cosine") for l in layers))]
         rank = [statistics.fmean(v) for v in zip(*(_final(ctx, c, f"val/geometry/{l}/effective_rank") for l in layers))]
         rows.append([c, _text(nn), _text(rank)])
-    out += _table(["condition", "nearest-neighbour cosine", "effective rank (of 16)"], rows) + [""]
+    out += markdown_table(["condition", "nearest-neighbour cosine", "effective rank (of 16)"], rows) + [""]
     if plots:
         link = _cosine_bars(ctx, layers)
         if link:
@@ -215,12 +204,12 @@ def _coupling(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
                 p = _final(ctx, c, f"val/coupling/{combo_name(s, r)}/log10_p")
                 row.append(f"{_text(rho)} ({max(p):.1f})" if p else _DASH)
         rows.append(row)
-    out += _table(header, rows) + ["", f"**Per layer, `{HEADLINE}` ρ** (paper: per-layer values not in the digest)", ""]
+    out += markdown_table(header, rows) + ["", f"**Per layer, `{HEADLINE}` ρ** (paper: per-layer values not in the digest)", ""]
     out += _per_layer_table(ctx, layers, lambda l: f"val/coupling/{l}/{HEADLINE}/rho",
                             f"val/coupling/{HEADLINE}/rho", mean_label="pooled")
     out += ["", f"**Median ρ over (layer, expert) groups with enough pairs (the monitor's `min_group_pairs`, 128 as the "
             f"authors), `{HEADLINE}` / `weight_vs_up_norm`**", ""]
-    out += _table(["condition", HEADLINE, "weight_vs_up_norm"], [
+    out += markdown_table(["condition", HEADLINE, "weight_vs_up_norm"], [
         [c, _text(_final(ctx, c, f"val/coupling/{HEADLINE}/median_group_rho")),
          _text(_final(ctx, c, "val/coupling/weight_vs_up_norm/median_group_rho"))]
         for c in ctx.results.conditions()
@@ -248,7 +237,7 @@ def _decile_plot(ctx: ReportContext) -> str | None:
     for ax, r in zip(axes, RESPONSES):
         for c in ctx.results.conditions():
             curves = [art["coupling"][combo_name("weight", r)]["pooled"]["deciles"]
-                      for row in ctx.runs(c) if (art := _artifact(ctx, row)) and art.get("coupling")]
+                      for row in ctx.runs(c) if (art := ctx.artifact(row["run_id"], ARTIFACT)) and art.get("coupling")]
             if curves:
                 ax.plot(range(1, 11), [statistics.fmean(v) for v in zip(*curves)], marker="o", markersize=3, label=c)
                 drawn = True
@@ -275,7 +264,7 @@ def _specialization(ctx: ReportContext, layers: list[str]) -> list[str]:
 
 def render(ctx: ReportContext) -> list[str]:
     """Markdown sections built from the rows and each run's ``coupling.json``."""
-    arts = [a for c in ctx.results.conditions() for r in ctx.runs(c) if (a := _artifact(ctx, r))]
+    arts = [a for c in ctx.results.conditions() for r in ctx.runs(c) if (a := ctx.artifact(r["run_id"], ARTIFACT))]
     if not arts:
         return ["## Study sections", "", f"No run wrote `{ARTIFACT}`: is the CouplingMonitor in the config?", ""]
     layers = arts[0]["layers"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_moe.params import MoEShape, count
-from lightning_moe.studies.report import ReportContext, _mean_std_text, _table, mean_std
+from lightning_moe.studies.report import ReportContext, figure, markdown_table, mean_std, mean_std_text
 
 LOSS = "val/loss"
 SPREAD_MAX = 0.25  # claim (ii): spread over n_exp at fixed s below this fraction of the gap between adjacent s
@@ -137,10 +137,10 @@ def _shape_table(ps: list[Point]) -> list[str]:
             p.condition, "+".join(map(str, p.families)), _m(c["total_nonemb"]), _m(c["active_nonemb"]),
             _m(c["total"]), f"{p.s:g}", sh.num_experts, sh.top_k, sh.n_layers, sh.d_model, sh.d_expert,
             f"{100 * attn_share:.0f} %", f"{c['train_flops_per_token'] / 1e6:.2f}M",
-            _mean_std_text(*mean_std(p.losses)), f"{p.tokens / mean_std(p.fit_s)[0]:,.0f}",
+            mean_std_text(*mean_std(p.losses)), f"{p.tokens / mean_std(p.fit_s)[0]:,.0f}",
             f"{mean_std(p.fit_s)[0]:.0f}", f"{mean_std(p.wall_s)[0]:.0f}",
         ])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _grid_table(ps: list[Point]) -> list[str]:
@@ -152,7 +152,7 @@ def _grid_table(ps: list[Point]) -> list[str]:
         cells = [f"{by[e, s].loss:.4f} (d={by[e, s].shape.d_model}, L={by[e, s].shape.n_layers})"
                  if (e, s) in by else "—" for s in ss]
         rows.append([e, *cells])
-    return _table(["n_exp \\ s", *(f"s={s:g}" for s in ss)], rows)
+    return markdown_table(["n_exp \\ s", *(f"s={s:g}" for s in ss)], rows)
 
 
 def _level_means(ps: list[Point]) -> dict[float, float]:
@@ -212,19 +212,9 @@ def _fit_lines(ps: list[Point], family: int) -> list[str]:
     return lines
 
 
-def _figure(width: float, height: float):
-    # matplotlib's object API: no global pyplot state or backend is touched (as the report's own plots).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _plot(ctx: ReportContext, by_family: dict[int, list[Point]], x: str, name: str) -> str:
     """One panel per family: mean loss ± std against s (lines per n_exp) or against n_exp (lines per s)."""
-    fig = _figure(4.0 * len(by_family), 3.4)
+    fig = figure(4.0 * len(by_family), 3.4)
     axes = fig.subplots(1, len(by_family), squeeze=False)[0]
     for ax, (family, ps) in zip(axes, by_family.items()):
         line_key = (lambda p: p.shape.num_experts) if x == "s" else (lambda p: p.s)

@@ -6,29 +6,13 @@ Legend: K tasks, E experts, W widths swept.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from lightning_moe.modules.task_routing import ROUTING_FILE
-from lightning_moe.studies.report import ReportContext
+from lightning_moe.studies.report import ReportContext, figure
 
 EM_TARGET = 0.95  # w*(k): the smallest width whose train exact match of task k reaches this (the spec's threshold)
-
-
-def _artifact(ctx: ReportContext, run_id: str) -> dict[str, Any] | None:
-    path = ctx.run_dir(run_id) / ROUTING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _figure(width: float, height: float):
-    # matplotlib's object API: no global pyplot state or backend is touched (as the report's own plots).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _heatmap(ax, R_KE: list[list[float]], title: str):
@@ -59,12 +43,12 @@ def render(ctx: ReportContext) -> list[str]:
     drawn = 0
     for condition in ctx.results.conditions():
         runs = ctx.runs(condition)
-        art = next((a for r in runs if (a := _artifact(ctx, r["run_id"])) is not None), None)
+        art = next((a for r in runs if (a := ctx.artifact(r["run_id"], ROUTING_FILE)) is not None), None)
         if art is None:
             continue
         metrics = runs[0]["metrics"]
         K = art["num_tasks"]
-        fig = _figure(9.0, 1.6 + 0.16 * K)
+        fig = figure(9.0, 1.6 + 0.16 * K)
         axes = fig.subplots(1, 2)
         tp, nmi = metrics.get("val/route/task_purity"), metrics.get("val/route/nmi")
         _heatmap(axes[0], art["routing_hard"], f"{condition}, top-1 share (TP {tp:.2f}, NMI {nmi:.2f})")
@@ -103,7 +87,7 @@ def _capacity_rows(ctx: ReportContext) -> list[dict[str, Any]]:
         config = yaml.safe_load(ctx.paths.config(condition).read_text())
         n_pairs = config["data"]["init_args"]["pairs_per_task"]
         for run in ctx.runs(condition):
-            art = _artifact(ctx, run["run_id"])
+            art = ctx.artifact(run["run_id"], ROUTING_FILE)
             if art is None or art.get("train_exact_match_per_task") is None:
                 continue
             for k, em in enumerate(art["train_exact_match_per_task"]):
@@ -198,7 +182,7 @@ def _independence(w_star, em, widths) -> list[str]:
 
 
 def _capacity_plot(ctx: ReportContext, rows, w_star, widths) -> list[str]:
-    fig = _figure(9.0, 3.4)
+    fig = figure(9.0, 3.4)
     left, right = fig.subplots(1, 2)
     for (K, N) in sorted({(r["K"], r["N"]) for r in rows}):
         pts = sorted((r["w"], r["em"]) for r in rows if r["K"] == K and r["N"] == N)

@@ -10,7 +10,7 @@ import json
 import statistics
 from collections.abc import Sequence
 
-from lightning_moe.studies.report import ReportContext
+from lightning_moe.studies.report import ReportContext, figure
 
 CURVE_FILE = "transition_curve.json"  # written by the modules' save_curve into each run's folder
 
@@ -84,16 +84,6 @@ def _curves(ctx: ReportContext, condition: str) -> dict[str, list[float]]:
     return out
 
 
-def _figure(width: float, height: float):
-    # matplotlib's object API: no global pyplot state or backend is touched (as the report's own plots).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def curve_section(ctx: ReportContext, groups: dict[str, list[str]], keys: Sequence[str]) -> list[str]:
     """One figure per key with a panel per group: the seed-mean curve of each condition vs offset from the
     transition step."""
@@ -103,7 +93,7 @@ def curve_section(ctx: ReportContext, groups: dict[str, list[str]], keys: Sequen
              "(`bpc` = bits per character at each offset).")
     lines = ["## p(correct expert) aligned on the transition step", "", legend, ""]
     for key in keys:
-        fig = _figure(4.2 * len(groups), 3.2)
+        fig = figure(4.2 * len(groups), 3.2)
         drawn = 0
         for i, (group, conditions) in enumerate(groups.items()):
             ax = fig.add_subplot(1, len(groups), i + 1)
@@ -165,7 +155,7 @@ def precision_section(ctx: ReportContext) -> list[str]:
         if step < len(pi_NE):
             ours = " | ".join(f"{v:.2f}" for v in pi_NE[step])
             lines.append(f"| {step} | {ours} | {', '.join(f'{v:.2f}' for v in paper)} |")
-    fig = _figure(9, 3.2)
+    fig = figure(9, 3.2)
     drawn = False
     for i, condition in enumerate(("static.precision", "shift.precision")):
         data = _trajectory(ctx, condition)
