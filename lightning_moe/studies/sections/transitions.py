@@ -117,7 +117,7 @@ def curve_section(ctx: ReportContext, groups: dict[str, list[str]], keys: Sequen
 
 
 def time_section(ctx: ReportContext) -> list[str]:
-    """Fit time per condition (single-thread, as measured under the other helpers' load) beside the reference."""
+    """Fit time per condition (single-thread; runs that shared the machine are slower) beside the reference."""
     reference = REFERENCE_S.get(ctx.study.name, {})
     legend = ("Fit time per run (Lightning `fit`, one torch thread, includes the final held-out evaluation), beside "
              "the reference prototype's uncontended time per run on the same 2-core machine (spec §6). Our runs "
