@@ -31,12 +31,11 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_moe.metrics.geometry import projection_norms_N, rankdata, spearman, zscore_per_group
+from lightning_moe.metrics.geometry import DECILES, decile_means, projection_norms_N, spearman, zscore_per_group
 from lightning_moe.utils import check_positive_int
 
 SCORES: tuple[str, ...] = ("weight", "logit")
 RESPONSES: tuple[str, ...] = ("gate_norm", "up_norm", "gate_act")
-DECILES = 10
 _TINY = 1e-300  # keeps Lentz's continued fraction away from division by zero
 
 
@@ -84,14 +83,6 @@ def correlation_log10_p(rho: float, n: int) -> float:
     df = n - 2
     # df / (df + t²) simplifies to 1 − ρ², which avoids overflowing t for ρ near 1.
     return log_betainc(df / 2.0, 0.5, 1.0 - rho * rho) / math.log(10.0)
-
-
-def decile_means(x_N: Tensor, y_N: Tensor) -> Tensor:
-    """Mean of ``y`` within each decile of ``x`` (deciles by rank, ties shared by average rank), float64 [10]."""
-    n = x_N.numel()
-    decile_N = (rankdata(x_N) - 1).mul(DECILES / n).long().clamp_max(DECILES - 1)
-    sums = torch.zeros(DECILES, dtype=torch.float64, device=y_N.device).index_add_(0, decile_N, y_N.double())
-    return sums / torch.bincount(decile_N, minlength=DECILES).double()
 
 
 def coupling_stats(x_N: Tensor, y_N: Tensor, groups_N: Tensor) -> dict[str, Tensor | float | int]:

@@ -14,6 +14,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_moe.utils import check_positive_int
 
+DECILES = 10  # points of the score -> response curves (the paper's Fig. 2 bins by score decile)
 
 def router_geometry(rows_ED: Tensor, center: bool = False) -> dict[str, Tensor]:
     """Geometry of router rows (or K-Means centroids), all in float64.
@@ -62,6 +63,14 @@ def rankdata(x_N: Tensor) -> Tensor:
     ranks = torch.empty(n, dtype=torch.float64, device=x_N.device)
     ranks[order] = avg[inverse]
     return ranks
+
+
+def decile_means(x_N: Tensor, y_N: Tensor) -> Tensor:
+    """Mean of ``y`` within each decile of ``x`` (deciles by rank, ties shared by average rank), float64 [10]."""
+    n = x_N.numel()
+    decile_N = (rankdata(x_N) - 1).mul(DECILES / n).long().clamp_max(DECILES - 1)
+    sums = torch.zeros(DECILES, dtype=torch.float64, device=y_N.device).index_add_(0, decile_N, y_N.double())
+    return sums / torch.bincount(decile_N, minlength=DECILES).double()
 
 
 def spearman(x_N: Tensor, y_N: Tensor) -> Tensor:
@@ -137,8 +146,5 @@ class ScoreActivationCoupling(Metric):
         w, z = w[keep], z[keep]
         if w.numel() < 2:
             nan = torch.tensor(float("nan"), dtype=torch.float64)
-            return {"spearman": nan, "decile_means": nan.repeat(10)}
-        decile = (rankdata(w) - 1).mul(10 / w.numel()).long().clamp_max(9)
-        sums = torch.zeros(10, dtype=torch.float64, device=z.device).index_add_(0, decile, z)
-        counts = torch.bincount(decile, minlength=10).double()
-        return {"spearman": spearman(w, z), "decile_means": sums / counts}
+            return {"spearman": nan, "decile_means": nan.repeat(DECILES)}
+        return {"spearman": spearman(w, z), "decile_means": decile_means(w, z)}

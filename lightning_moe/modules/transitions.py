@@ -75,7 +75,25 @@ def save_curve(module: pl.LightningModule, curves: dict[str, _AlignedCurve]) -> 
     path.write_text(json.dumps(data))
 
 
-class TransitionRoutingToy(pl.LightningModule):
+class _RoutedModule(pl.LightningModule):
+    """What the study's modules share: one :class:`TransitionRouter` bound to ``(d_model, E)`` and the reference's
+    optimiser (Adam, no weight decay or schedule)."""
+
+    def _bind(self, router: TransitionRouter, d_model: int, num_experts: int, lr: float) -> None:
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        check_positive("lr", lr)
+        if not isinstance(router, TransitionRouter):
+            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
+                            "lightning_moe.gating.TransitionRouter.")
+        router.bind(d_model, num_experts, num_experts)
+        self.router, self.lr = router, lr
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class TransitionRoutingToy(_RoutedModule):
     """Router-only trainer of the toy routing task (spec §2): loss = sum over the S - 1 routed steps of the
     batch-mean cross-entropy of the gate's logits against the target expert, plus the router's aux losses.
 
@@ -97,17 +115,11 @@ class TransitionRoutingToy(pl.LightningModule):
         lr: float = 3e-3,
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_experts", num_experts)
-        check_positive("lr", lr)
         if route_on not in ("current", "next"):
             raise ValueError(f"route_on={route_on!r} is not a routing input; use 'current' or 'next' (oracle).")
-        if not isinstance(router, TransitionRouter):
-            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
-                            "lightning_moe.gating.TransitionRouter.")
+        self._bind(router, d_model, num_experts, lr)
         self.save_hyperparameters(ignore=["router"])
-        router.bind(d_model, num_experts, num_experts)
-        self.router, self.route_on, self.lr = router, route_on, lr
+        self.route_on = route_on
         self._recent_trans: list[Tensor] = []
         self._recent_all: list[Tensor] = []
 
@@ -175,14 +187,12 @@ class TransitionRoutingToy(pl.LightningModule):
         self.log_dict(metrics)
         save_curve(self, self._curves)
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 Readout = Literal["last", "mean"]
 
 
-class TransitionSequenceRouting(pl.LightningModule):
+class TransitionSequenceRouting(_RoutedModule):
     """Table 1's router-only task (spec §5): one routing decision per sequence, read at its last step, trained
     by cross-entropy against the sequence's target expert.
 
@@ -211,17 +221,11 @@ class TransitionSequenceRouting(pl.LightningModule):
         lr: float = 3e-3,
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_experts", num_experts)
-        check_positive("lr", lr)
         if readout not in ("last", "mean"):
             raise ValueError(f"readout={readout!r} is not a readout; use 'last' or 'mean'.")
-        if not isinstance(router, TransitionRouter):
-            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
-                            "lightning_moe.gating.TransitionRouter.")
+        self._bind(router, d_model, num_experts, lr)
         self.save_hyperparameters(ignore=["router"])
-        router.bind(d_model, num_experts, num_experts)
-        self.router, self.readout, self.loss_on_probabilities, self.lr = router, readout, loss_on_probabilities, lr
+        self.readout, self.loss_on_probabilities = readout, loss_on_probabilities
         self._recent: list[Tensor] = []
 
     def forward(self, x_BSD: Tensor) -> Tensor:
@@ -255,8 +259,6 @@ class TransitionSequenceRouting(pl.LightningModule):
             metrics.update({f"val/beta_{i}": v for i, v in enumerate(self.router.beta_D.tolist())})
         self.log_dict(metrics)
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 class _Expert(nn.Module):
@@ -268,7 +270,7 @@ class _Expert(nn.Module):
         return self.net(x)
 
 
-class TransitionCharLM(pl.LightningModule):
+class TransitionCharLM(_RoutedModule):
     """The character task's model (spec §4): ``logits = head(LayerNorm(x_t + sum_e g_te Expert_e(x_t)))`` with
     ``x_t`` the character embedding and ``g_t`` the router's dense softmax over all E experts (no top-k).
 
@@ -297,22 +299,16 @@ class TransitionCharLM(pl.LightningModule):
         lr: float = 2e-3,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("num_experts", num_experts),
-                            ("d_expert", d_expert)):
-            check_positive_int(name, value)
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("d_expert", d_expert)
         check_non_negative("transition_weight", transition_weight)
-        check_positive("lr", lr)
-        if not isinstance(router, TransitionRouter):
-            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
-                            "lightning_moe.gating.TransitionRouter.")
+        self._bind(router, d_model, num_experts, lr)
         self.save_hyperparameters(ignore=["router"])
-        router.bind(d_model, num_experts, num_experts)
-        self.router = router
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.experts = nn.ModuleList(_Expert(d_model, d_expert) for _ in range(num_experts))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
-        self.transition_weight, self.lr = transition_weight, lr
+        self.transition_weight = transition_weight
 
     def forward(self, tokens_BS: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(logits_BSV, gates_BSE, aux_losses)``."""
@@ -382,11 +378,9 @@ class TransitionCharLM(pl.LightningModule):
         bpc.add(ce_BS / ln2, trans_BS)
         save_curve(self, {"p_correct": curve, "bpc": bpc})
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class TransitionPrecisionRegression(pl.LightningModule):
+class TransitionPrecisionRegression(_RoutedModule):
     """The precision-gating task (spec §1.2, Tables 2-3): a dense soft mixture of E small regression experts
     whose outputs carry Gaussian noise of a per-expert std (their "reliability"), optionally swapped at
     ``shift_step``; loss = MSE of the mixture to the target.
@@ -422,23 +416,18 @@ class TransitionPrecisionRegression(pl.LightningModule):
         check_positive_int("d_model", d_model)
         check_positive_int("d_expert", d_expert)
         check_positive_int("shift_step", shift_step)
-        check_positive("lr", lr)
-        if not isinstance(router, TransitionRouter):
-            raise TypeError(f"router must be a TransitionRouter, got {type(router).__name__}; use class_path "
-                            "lightning_moe.gating.TransitionRouter.")
         if len(expert_noise) < 2 or any(s < 0 for s in expert_noise):
             raise ValueError(f"expert_noise={list(expert_noise)} needs one std >= 0 per expert (at least 2).")
         if shifted_noise is not None and (len(shifted_noise) != len(expert_noise) or any(s < 0 for s in shifted_noise)):
             raise ValueError(f"shifted_noise={list(shifted_noise)} needs one std >= 0 per expert, like "
                              f"expert_noise={list(expert_noise)}; or null for static reliability.")
-        self.save_hyperparameters(ignore=["router"])
         E = len(expert_noise)
-        router.bind(d_model, E, E)
-        self.router = router
+        self._bind(router, d_model, E, lr)
+        self.save_hyperparameters(ignore=["router"])
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(d_model, d_expert), nn.ReLU(), nn.Linear(d_expert, 1)) for _ in range(E)
         )
-        self.expert_noise, self.shifted_noise, self.shift_step, self.lr = expert_noise, shifted_noise, shift_step, lr
+        self.expert_noise, self.shifted_noise, self.shift_step = expert_noise, shifted_noise, shift_step
         self._losses: list[Tensor] = []
         self._precision: list[Tensor] = []
 
@@ -492,5 +481,3 @@ class TransitionPrecisionRegression(pl.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(trajectory))
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -6,7 +6,6 @@ wall time beside the reference prototypes' measured time (transitions spec §6).
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 
@@ -67,11 +66,7 @@ def paired_section(ctx: ReportContext, prefix: str = "") -> list[str]:
 
 def _curves(ctx: ReportContext, condition: str) -> dict[str, list[float]]:
     """Seed-mean of each curve in the condition's ``transition_curve.json`` files (``offsets`` kept as is)."""
-    loaded = []
-    for row in ctx.runs(condition):
-        path = ctx.run_dir(row["run_id"]) / CURVE_FILE
-        if path.is_file():
-            loaded.append(json.loads(path.read_text()))
+    loaded = [a for row in ctx.runs(condition) if (a := ctx.artifact(row["run_id"], CURVE_FILE)) is not None]
     if not loaded:
         return {}
     out = {"offsets": loaded[0]["offsets"]}
@@ -140,8 +135,7 @@ def time_section(ctx: ReportContext) -> list[str]:
 
 def _trajectory(ctx: ReportContext, condition: str) -> dict | None:
     runs = ctx.runs(condition)
-    path = ctx.run_dir(runs[0]["run_id"]) / "precision_trajectory.json" if runs else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    return ctx.artifact(runs[0]["run_id"], "precision_trajectory.json") if runs else None
 
 
 def precision_section(ctx: ReportContext) -> list[str]:
