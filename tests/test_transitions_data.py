@@ -42,6 +42,17 @@ def test_markov_chain_has_the_reference_transition_probabilities():
     assert (step == 5).float().mean().item() == pytest.approx(0.0115, abs=0.002)
 
 
+def test_markov_chain_equals_the_step_by_step_chain_on_the_same_draws():
+    length = 40
+    g = torch.Generator().manual_seed(5)
+    u_BS, uniform_BS = torch.rand(64, length, generator=g), torch.randint(0, 13, (64, length), generator=g)
+    states = [uniform_BS[:, 0]]
+    for t in range(1, length):  # the reference's generator, one step at a time
+        step_B = torch.where(u_BS[:, t] < 0.7, 1, 2)
+        states.append(torch.where(u_BS[:, t] >= 0.85, uniform_BS[:, t], (states[-1] + step_B) % 13))
+    assert torch.equal(markov_chain(torch.Generator().manual_seed(5), 64, length), torch.stack(states, dim=1))
+
+
 def test_chars_are_a_then_b_with_shifted_targets():
     b = chars_batch(torch.Generator().manual_seed(3), 32, 64, 32, 32)
     assert b["tokens_BS"].shape == (32, 63)

@@ -90,6 +90,24 @@ def test_char_lm_gathers_expert_outputs_exactly_as_per_token_evaluation():
     torch.testing.assert_close(logits, model.head(model.norm(x + mixed)), rtol=1e-5, atol=1e-5)
 
 
+def test_char_lm_mixture_gradients_equal_per_token_evaluation():
+    torch.manual_seed(0)
+    model = TransitionCharLM(TransitionRouter(**{**PLAIN, "beta": True}), d_model=8, d_expert=16)
+    tokens = chars_batch(torch.Generator().manual_seed(0), 3, 16, 8, 8)["tokens_BS"]
+    upstream = torch.randn(3, 15, 26)
+
+    def per_token():
+        x = model.embedding(tokens)
+        gates = model.router(x).scores_TE.view(3, 15, -1)
+        mixed = sum(gates[..., e : e + 1] * expert(x) for e, expert in enumerate(model.experts))
+        return model.head(model.norm(x + mixed))
+
+    grads = [torch.autograd.grad((fn() * upstream).sum(), list(model.parameters()))
+             for fn in (lambda: model(tokens)[0], per_token)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_char_lm_weights_the_transition_step_and_divides_by_the_token_count():
     torch.manual_seed(0)
     model = TransitionCharLM(TransitionRouter(**PLAIN), d_model=8, d_expert=16, transition_weight=5.0)

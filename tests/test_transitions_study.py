@@ -50,6 +50,17 @@ def test_toy_report_has_paired_gains_plots_and_wall_time(smoke):
     assert (smoke / "toy" / "smoke" / "plots" / "transitions_p_correct.png").is_file()
 
 
+def test_toy_wall_time_compares_the_reference_protocols_runs_and_the_whole_study(smoke):
+    report = (smoke / "toy" / "smoke" / "REPORT.md").read_text()
+    rows = read_rows(smoke / "toy" / "smoke" / "runs.jsonl")
+    ours = sum(r["fit_s"] for r in rows if not r["condition"].startswith("random."))
+    theirs = 30.0 + 33.6 + 7 * 1653.0 / 45  # baseline and beta+Ant timed alone; the rest the ablation's mean
+    assert (f"sum of our fit times {ours / 60:.1f} min vs {theirs / 60:.1f} min for the reference's runs "
+            f"({theirs / ours:.1f}x") in report
+    assert "Whole study: 13 runs (4 of them random-switch variants the reference did not run)" in report
+    assert "the reference's protocol (the 45-run ablation.py, measured) took 27.6 min" in report
+
+
 def test_lm_report_plots_gate_and_bpc_around_the_transition(smoke):
     plots = smoke / "lm" / "smoke" / "plots"
     assert (plots / "transitions_lm_p_correct.png").is_file() and (plots / "transitions_lm_bpc.png").is_file()

@@ -80,13 +80,16 @@ def markov_chain(generator: torch.Generator, batch: int, length: int) -> Tensor:
     """``states_BS`` in [0, 13): first uniform, then +1 (p 0.7), +2 (p 0.15) or uniform (p 0.15), mod 13."""
     u_BS = torch.rand(batch, length, generator=generator)
     uniform_BS = torch.randint(0, HALF, (batch, length), generator=generator)
-    step_BS = torch.where(u_BS < 0.7, 1, 2)
-    jump_BS = u_BS >= 0.85
-    states = [uniform_BS[:, 0]]
-    # The chain is sequential, but only over S with whole-batch tensor ops (64 tiny steps, no per-sequence loop).
-    for t in range(1, length):
-        states.append(torch.where(jump_BS[:, t], uniform_BS[:, t], (states[-1] + step_BS[:, t]) % HALF))
-    return torch.stack(states, dim=1)
+    # Without a loop over time: each state is the last uniform draw (at step 0 or a jump) plus the +1/+2 steps
+    # taken since, mod 13; integer arithmetic, so exactly the step-by-step chain.
+    reset_BS = u_BS >= 0.85
+    reset_BS[:, 0] = True
+    step_BS = torch.where(u_BS < 0.7, 1, 2).masked_fill(reset_BS, 0)
+    steps = torch.arange(length)
+    last_reset_BS = torch.where(reset_BS, steps, 0).cummax(dim=1).values
+    walked_BS = step_BS.cumsum(dim=1)
+    since_BS = walked_BS - walked_BS.gather(1, last_reset_BS)
+    return (uniform_BS.gather(1, last_reset_BS) + since_BS) % HALF
 
 
 def chars_batch(

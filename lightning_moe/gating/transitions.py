@@ -50,8 +50,8 @@ class TransitionRouter(SoftmaxTopK):
 
     **beta** routes on ``h_t = beta * h_{t-1} + x_t`` instead of ``x_t`` (the reference's un-normalised leaky
     integrator, or ``h_t = beta * h_{t-1} + (1 - beta) * x_t`` with ``memory_form='ema'``). ``beta =
-    sigmoid(logit_beta)`` is learned per model dimension through the whole sequence, computed by a chunked
-    parallel scan (:func:`lightning_moe.gating.temporal.leaky_integrate`). Each sequence starts from zero memory,
+    sigmoid(logit_beta)`` is learned per model dimension through the whole sequence
+    (:func:`lightning_moe.gating.temporal.leaky_integrate`: the recurrence with a hand-written adjoint). Each sequence starts from zero memory,
     as in the reference, unless ``carry_state``: then each *training* window starts from the previous training
     window's last state (buffer ``memory_BD``, detached, advanced by :meth:`observe` after the forward), which
     suits consecutive windows of one stream per batch row. Evaluation always starts from zero, so validation
@@ -84,7 +84,8 @@ class TransitionRouter(SoftmaxTopK):
         memory_cap: the cap ``theta`` of the ``capped_logit`` membrane (1.0 in the reference).
         learn_beta: learn ``beta`` by backpropagation; False keeps it at ``init_beta``.
         carry_state: carry the memory across consecutive training windows (see above).
-        chunk_size: scan chunk length C; cost grows with ``C``, Python steps with ``S / C``.
+        chunk_size: chunk length C of the accelerator scan (cost grows with ``C``, launches with ``S / C``);
+            the CPU runs the recurrence step by step.
         precision_decay: EMA factor ``a`` of the error variance (0.95 in the reference).
         precision_eps: ``eps`` in ``1 / (var + eps)`` (1e-4 in the reference).
         precision_init_var: starting variance; 1.0 (Pi ~ 1) starts as the plain gate (the toy ablation used 0.5).
