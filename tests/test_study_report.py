@@ -1,6 +1,7 @@
 """The report from rows alone: mean ± std beside the paper's number, verdicts with numbers, problems, smoke banner."""
 
 import dataclasses
+import pathlib
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def test_results_keep_the_latest_matching_row(study_and_plans):
 
 def test_report_tables_claims_and_problems(study_and_plans, tmp_path):
     study, plans = study_and_plans
-    paths = StudyPaths.of(study, tmp_path / "out")
+    paths = StudyPaths(tmp_path / "out", report_dir=study.dir)  # what a full run into the default folder uses
     for r in [row(plans[0], **{"val/loss": 2.0}), row(plans[1], **{"val/loss": 2.2}),
               row(plans[2], **{"val/loss": 1.9}), row(plans[3], "failed")]:
         append_row(paths.rows, r)
@@ -56,6 +57,16 @@ def test_report_tables_claims_and_problems(study_and_plans, tmp_path):
     assert "the output folder `out`" in report and "Some CPU, 2 cores (2 usable)" in report
     assert "total wall time of the runs: 30 s" in report
     assert (tmp_path / "plots" / "val_loss.png").stat().st_size > 1000
+
+
+def test_only_default_full_runs_write_the_study_folders_report(study_and_plans, tmp_path):
+    study, _ = study_and_plans
+    assert StudyPaths.of(study).report_dir == study.dir
+    assert StudyPaths.of(study).root == pathlib.Path("runs", "studies", study.name)
+    # A run into an explicit folder (a subset, a trial) or a smoke run reports next to its runs.
+    assert StudyPaths.of(study, tmp_path / "trial").report_dir == tmp_path / "trial"
+    assert StudyPaths.of(study, tmp_path / "trial", smoke=True).report_dir == tmp_path / "trial" / "smoke"
+    assert StudyPaths.of(study, smoke=True).report_dir == pathlib.Path("runs", "studies", study.name, "smoke")
 
 
 def test_smoke_report_lives_in_the_output_folder(study_and_plans, tmp_path):

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="apply the study's smoke block; runs and report go to <out>/smoke/")
     common.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
     common.add_argument("--conditions", nargs="+", help="only these conditions")
-    common.add_argument("--out", help="output folder (default: runs/studies/<study name>)")
+    common.add_argument("--out", help="output folder of the runs and, when given, of the report (default: "
+                        "runs/studies/<study name>, with the report in the study folder)")
     run = sub.add_parser("run", parents=[common], help="run what is not finished yet, then write the report")
     run.add_argument("--workers", type=int, help="parallel runs (default: one per usable CPU core / --threads)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")

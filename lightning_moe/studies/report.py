@@ -398,7 +398,7 @@ def write_report(
             f"(or pass the --out folder the runs were written to)."
         )
     results = Results.of(plans, rows)
-    report_dir = paths.root if smoke else study.dir
+    report_dir = paths.report_dir
     report = report_dir / REPORT_FILE
     plots: dict[str, str] = {}
     note = ""

@@ -51,15 +51,20 @@ DEFAULT_OUT = Path("runs") / "studies"
 
 @dataclass(frozen=True)
 class StudyPaths:
-    """Where a study's runs, logs and rows live; ``root`` is the output folder (its ``smoke/`` for smoke runs)."""
+    """Where a study's runs, logs and rows live; ``root`` is the output folder (its ``smoke/`` for smoke runs),
+    ``report_dir`` where ``REPORT.md`` and its plots go."""
 
     root: Path
+    report_dir: Path
 
     @classmethod
     def of(cls, study: Study, out: str | Path | None = None, smoke: bool = False) -> StudyPaths:
-        """The default output folder is ``runs/studies/<study name>``; smoke runs use its ``smoke/``."""
+        """The default output folder is ``runs/studies/<study name>``; smoke runs use its ``smoke/``. Only the
+        default full runs write the study folder's own ``REPORT.md``: a smoke run or one into an explicit ``out``
+        (a subset, a trial) reports next to its runs, so it never overwrites the committed report."""
         root = Path(out) if out is not None else DEFAULT_OUT / study.name
-        return cls(root / "smoke" if smoke else root)
+        root = root / "smoke" if smoke else root
+        return cls(root, root if smoke or out is not None else study.dir)
 
     @property
     def rows(self) -> Path:
