@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_moe.data.transitions import TransitionTaskDataModule
 from lightning_moe.gating import TransitionRouter, leaky_integrate
+from lightning_moe.gating.temporal import chunked_scan
 from lightning_moe.modules.transitions import TransitionCharLM, TransitionRoutingToy
 
 # Reference prototypes, uncontended ms per step on this machine (transitions spec §6): the toy's 800-epoch runs
@@ -64,24 +65,6 @@ def loop_scan(x_BSD, logit_beta_D, h0_BD):
     return torch.stack(out, dim=1)
 
 
-def chunked_autograd_scan(x_BSD, logit_beta_D, h0_BD, C=64):
-    """The closed form inside chunks of C steps, differentiated by autograd (decay matrix included)."""
-    S = x_BSD.shape[1]
-    log_beta_D = F.logsigmoid(logit_beta_D)
-    C = min(C, S)
-    lag_CC = torch.arange(C)[:, None] - torch.arange(C)[None]
-    decay_DCC = torch.exp(lag_CC.clamp(min=0) * log_beta_D[:, None, None]).masked_fill(lag_CC < 0, 0.0)
-    carry_CD = torch.exp((torch.arange(C) + 1)[:, None] * log_beta_D)
-    h_BD, chunks = h0_BD, []
-    for start in range(0, S, C):
-        x_BcD = x_BSD[:, start : start + C]
-        c = x_BcD.shape[1]
-        h_BcD = torch.einsum("dtk,bkd->btd", decay_DCC[:, :c, :c], x_BcD) + carry_CD[:c] * h_BD.unsqueeze(1)
-        chunks.append(h_BcD)
-        h_BD = h_BcD[:, -1]
-    return torch.cat(chunks, dim=1)
-
-
 def bench_scan(repeats: int) -> None:
     print("\n## beta memory scan, forward + backward (ms)\n")
     print("| B, S, D | autograd loop | autograd chunked | leaky_integrate | loop / ours | chunked / ours |")
@@ -91,11 +74,11 @@ def bench_scan(repeats: int) -> None:
         logit_beta, h0 = torch.full((D,), 2.0, requires_grad=True), torch.randn(B, D, requires_grad=True)
         upstream = torch.randn(B, S, D)
 
-        def run(fn):
-            return lambda: torch.autograd.grad((fn(x, logit_beta, h0) * upstream).sum(), (x, logit_beta, h0))
+        def run(fn, inputs=(x, logit_beta, h0), upstream=upstream):
+            return lambda: torch.autograd.grad((fn(*inputs) * upstream).sum(), inputs)
 
-        ms = median_ms({"loop": run(loop_scan), "chunked": run(chunked_autograd_scan),
-                        "ours": run(leaky_integrate)}, repeats, inner=5)
+        ms = median_ms({"loop": run(loop_scan), "chunked": run(chunked_scan), "ours": run(leaky_integrate)},
+                       repeats, inner=5)
         print(f"| {B}, {S}, {D} | {ms['loop']:.2f} | {ms['chunked']:.2f} | {ms['ours']:.2f} | "
               f"{ms['loop'] / ms['ours']:.1f}x | {ms['chunked'] / ms['ours']:.1f}x |")
 

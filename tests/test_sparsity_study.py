@@ -43,14 +43,6 @@ def test_study_yaml_is_what_make_study_writes():
     assert len(plan_runs(study)) == 2 * len(shapes)
 
 
-def test_every_claim_reads_collected_metrics_of_existing_conditions():
-    study = load_study(STUDY_DIR)
-    names = {c.name for c in study.conditions}
-    for claim in study.claims:
-        assert claim.conditions() <= names, claim.name
-        assert claim.metrics() <= set(study.metrics), claim.name
-
-
 def test_families_meet_their_budgets():
     shapes = _make_study().shapes()
     by_family = {f: [s for name, s in shapes.items() if f in families(name)] for f in (1, 2, 3)}

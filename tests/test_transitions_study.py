@@ -16,13 +16,9 @@ STUDIES = {"toy": (ROOT, 13 * 5), "lm": (ROOT / "lm", 5 * 5), "precision": (ROOT
 
 
 @pytest.mark.parametrize("name", STUDIES)
-def test_study_plans_its_runs_and_claims_read_collected_metrics(name):
+def test_study_plans_its_runs(name):
     folder, runs = STUDIES[name]
-    study = load_study(folder)
-    assert len(plan_runs(study)) == runs
-    for claim in study.claims:
-        assert claim.conditions() <= {c.name for c in study.conditions}, claim.name
-        assert claim.metrics() <= set(study.metrics), claim.name
+    assert len(plan_runs(load_study(folder))) == runs
 
 
 @pytest.fixture(scope="module")

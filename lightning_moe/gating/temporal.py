@@ -89,11 +89,12 @@ def sequential_scan(
     return h_BSD
 
 
-@torch.no_grad()
 def chunked_scan(
     x_BSD: Tensor, logit_beta_D: Tensor, h0_BD: Tensor | None = None, chunk_size: int = 64
 ) -> Tensor:
-    """The recurrence in closed form, one decay-matrix product per chunk of ``chunk_size`` steps."""
+    """The recurrence in closed form, one decay-matrix product per chunk of ``chunk_size`` steps. Plain tensor
+    ops: :class:`_LeakyIntegrate` runs it without a graph; autograd through it is the slower baseline of
+    ``benchmarks/bench_transitions.py``."""
     S = x_BSD.shape[1]
     log_beta_D = F.logsigmoid(logit_beta_D)  # log(sigmoid) without the rounding of sigmoid near 1
     C = max(1, min(chunk_size, S))
