@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_moe.data.transitions import TransitionTaskDataModule
+from lightning_moe.studies.transitions.data import TransitionTaskDataModule
 from lightning_moe.gating import TransitionRouter, leaky_integrate
 from lightning_moe.gating.temporal import chunked_scan
-from lightning_moe.modules.transitions import TransitionCharLM, TransitionRoutingToy
+from lightning_moe.studies.transitions.modules import TransitionCharLM, TransitionRoutingToy
 
 # Reference prototypes, uncontended ms per step on this machine (transitions spec §6): the toy's 800-epoch runs
 # (baseline 30.0 s, beta+Ant 33.6 s) and the LM's 1500-step runs (Standard 270 s, beta 304 s, beta+Ant from a

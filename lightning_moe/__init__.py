@@ -2,7 +2,7 @@
 
 from lightning_moe.experts import Experts
 from lightning_moe.gating import ExpertChoice, KMeansRouter, Router, Routing, SigmoidTopK, SoftmaxTopK, TransitionRouter
-from lightning_moe.layers import MoELayer, feed_back_errors, update_router_states
+from lightning_moe.layers import MoELayer, feed_back_errors, moe_layers, update_router_states
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,6 @@ __all__ = [
     "TransitionRouter",
     "__version__",
     "feed_back_errors",
+    "moe_layers",
     "update_router_states",
 ]

@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+__all__ = ["MoECLI", "main"]
+
 
 class MoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:

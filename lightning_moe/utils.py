@@ -1,8 +1,14 @@
-"""Small argument checks shared by the public constructors: each error names the field, the value and the fix."""
+"""Small helpers shared by the core and the studies: argument checks whose errors name the field, the value and
+the fix, and an atomic JSON writer for per-run artefacts."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["check_choice", "check_non_negative", "check_positive", "check_positive_int", "write_json_atomic"]
 
 
 def check_positive(name: str, value: int | float) -> None:
@@ -29,3 +35,10 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write ``data`` as JSON so a reader never sees half a file (a run killed mid-write leaves no result)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.metrics.coupling import (
-    RESPONSES,
-    SCORES,
+    COUPLING_RESPONSES,
+    COUPLING_SCORES,
     LayerCoupling,
     correlation_log10_p,
     coupling_stats,
@@ -88,7 +88,7 @@ def random_pairs(N=300, L=2, E=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     layer = torch.randint(0, L, (N,), generator=g)
     experts = torch.randint(0, E, (N,), generator=g)
-    values = {k: torch.randn(N, generator=g) for k in (*SCORES, *RESPONSES)}
+    values = {k: torch.randn(N, generator=g) for k in (*COUPLING_SCORES, *COUPLING_RESPONSES)}
     values["up_norm"] = values["weight"] + 0.5 * torch.randn(N, generator=g)  # one coupled pair of variables
     return layer, experts, values
 
@@ -98,7 +98,7 @@ def fed_metric(L=2, E=3, min_group_pairs=20, N=300):
     m = LayerCoupling(L, E, min_group_pairs)
     for i in range(L):
         sel = layer == i
-        m.update(i, experts[sel], {s: values[s][sel] for s in SCORES}, {r: values[r][sel] for r in RESPONSES})
+        m.update(i, experts[sel], {s: values[s][sel] for s in COUPLING_SCORES}, {r: values[r][sel] for r in COUPLING_RESPONSES})
     return m, layer, experts, values
 
 
@@ -148,7 +148,7 @@ def test_layer_coupling_merges_like_one_instance():
     first.reset()
     for i, part in ((0, first), (1, second)):
         sel = layer == i
-        part.update(i, experts[sel], {s: values[s][sel] for s in SCORES}, {r: values[r][sel] for r in RESPONSES})
+        part.update(i, experts[sel], {s: values[s][sel] for s in COUPLING_SCORES}, {r: values[r][sel] for r in COUPLING_RESPONSES})
     first.merge_state(second)
     a, b = whole.compute()["weight/up_norm"], first.compute()["weight/up_norm"]
     assert a["pooled"]["rho"] == pytest.approx(b["pooled"]["rho"], abs=1e-12)
@@ -158,22 +158,22 @@ def test_layer_coupling_merges_like_one_instance():
 def test_update_rejects_a_layer_out_of_range():
     m = LayerCoupling(2, 3)
     with pytest.raises(ValueError, match="layer must lie in"):
-        m.update(2, torch.zeros(1, dtype=torch.long), {s: torch.zeros(1) for s in SCORES},
-                 {r: torch.zeros(1) for r in RESPONSES})
+        m.update(2, torch.zeros(1, dtype=torch.long), {s: torch.zeros(1) for s in COUPLING_SCORES},
+                 {r: torch.zeros(1) for r in COUPLING_RESPONSES})
 
 
 def test_update_names_a_missing_response():
     m = LayerCoupling(2, 3)
     with pytest.raises(ValueError, match="gate_act"):
-        m.update(0, torch.zeros(1, dtype=torch.long), {s: torch.zeros(1) for s in SCORES},
+        m.update(0, torch.zeros(1, dtype=torch.long), {s: torch.zeros(1) for s in COUPLING_SCORES},
                  {"gate_norm": torch.zeros(1), "up_norm": torch.zeros(1)})
 
 
 def test_update_rejects_misshaped_values():
     m = LayerCoupling(2, 3)
     with pytest.raises(ValueError, match="one value per pair"):
-        m.update(0, torch.zeros(2, dtype=torch.long), {s: torch.zeros(3) for s in SCORES},
-                 {r: torch.zeros(2) for r in RESPONSES})
+        m.update(0, torch.zeros(2, dtype=torch.long), {s: torch.zeros(3) for s in COUPLING_SCORES},
+                 {r: torch.zeros(2) for r in COUPLING_RESPONSES})
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

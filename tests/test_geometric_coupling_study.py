@@ -18,7 +18,7 @@ def test_study_plans_five_arms_times_three_seeds():
     study = load_study(STUDY_DIR)
     assert [c.name for c in study.conditions] == ARMS
     assert len(plan_runs(study)) == 15
-    assert study.sections == "lightning_moe.studies.sections.geometric_coupling:render"
+    assert study.sections == "lightning_moe.studies.geometric_coupling.section:render"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from lightning_moe.modules import MoELanguageModel
 from lightning_moe.params import MoEShape, count
 from lightning_moe.studies import load_study, plan_runs
 from lightning_moe.studies.runner import read_rows
-from lightning_moe.studies.sections.sparsity import Point, families, fit, shape_of, spread_check
+from lightning_moe.studies.sparsity.section import Point, families, fit, shape_of, spread_check
 
 STUDY_DIR = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "sparsity"
 SMOKE_CONDITIONS = ["f1_E8k8", "f1_E8k1", "f3_E8k1", "f3_E16k1"]

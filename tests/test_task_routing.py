@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.data.task_routing import (
+from lightning_moe.studies.task_routing.data import (
     EOS,
     IGNORE_INDEX,
     OBJECT,
@@ -18,8 +18,8 @@ from lightning_moe.data.task_routing import (
     TemplateKVTasks,
 )
 from lightning_moe.gating import SoftmaxTopK
-from lightning_moe.gating.oracle import OracleRouter
-from lightning_moe.modules.task_routing import (
+from lightning_moe.studies.task_routing.oracle import OracleRouter
+from lightning_moe.studies.task_routing.module import (
     TaskRoutingLM,
     greedy_exact_match,
     routing_scalars,

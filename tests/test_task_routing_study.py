@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lightning_moe.cli import main
-from lightning_moe.data.task_routing import TemplateKVTasks
+from lightning_moe.studies.task_routing.data import TemplateKVTasks
 from lightning_moe.studies import load_study, plan_runs
 from lightning_moe.studies.runner import read_rows
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_moe.data.transitions import (
+from lightning_moe.studies.transitions.data import (
     TransitionTaskDataModule,
     chars_batch,
     early_signal_batch,

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.data.transitions import chars_batch, regression_batch, routing_batch
+from lightning_moe.studies.transitions.data import chars_batch, regression_batch, routing_batch
 from lightning_moe.gating import TransitionRouter
 from lightning_moe.gating.transitions import label_frequency_error
-from lightning_moe.modules.transitions import (
+from lightning_moe.studies.transitions.modules import (
     TransitionCharLM,
     TransitionPrecisionRegression,
     TransitionRoutingToy,

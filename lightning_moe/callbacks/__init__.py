@@ -4,16 +4,18 @@ optimizer step, and result tables.
 The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
 """
 
-from lightning_moe.callbacks.coupling import CouplingMonitor
+from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor, coupling_metric_name
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
 from lightning_moe.callbacks.monitor import RoutingMonitor
+from lightning_moe.callbacks.plots import matplotlib_available
 from lightning_moe.callbacks.results import ResultTable
 from lightning_moe.callbacks.router_state import RouterStateUpdate
 from lightning_moe.callbacks.specialization import SpecializationMonitor
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
+    "COUPLING_HEADLINE",
     "CouplingMonitor",
     "LoadBalanceMonitor",
     "ResultTable",
@@ -22,4 +24,6 @@ __all__ = [
     "RoutingMonitor",
     "SpecializationMonitor",
     "TransitionMonitor",
+    "coupling_metric_name",
+    "matplotlib_available",
 ]

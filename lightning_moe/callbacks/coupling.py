@@ -25,17 +25,16 @@ from torch import Tensor
 from lightning_moe.adapters import RoutingEvent
 from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
 from lightning_moe.callbacks.plots import new_figure
-from lightning_moe.metrics.coupling import RESPONSES, SCORES, LayerCoupling, expert_responses_N
+from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, expert_responses_N
 from lightning_moe.metrics.geometry import router_geometry
 from lightning_moe.metrics.load import ExpertLoad
-from lightning_moe.studies.capture import write_json_atomic
-from lightning_moe.utils import check_positive_int
+from lightning_moe.utils import check_positive_int, write_json_atomic
 
-HEADLINE = "weight_vs_gate_norm"  # the authors' script: dispatch weight vs pre-activation gate norm
+COUPLING_HEADLINE = "weight_vs_gate_norm"  # the authors' script: dispatch weight vs pre-activation gate norm
 _POOLED = "all"  # the metric key of the pooled (all layers) pairs
 
 
-def combo_name(score: str, response: str) -> str:
+def coupling_metric_name(score: str, response: str) -> str:
     """The logged name of a (score, response) variant, e.g. ``weight_vs_gate_norm``."""
     return f"{score}_vs_{response}"
 
@@ -150,9 +149,9 @@ class CouplingMonitor(RoutingMonitor):
         if f"val/{_POOLED}/pairs" in self.updated:
             result = self.metric("val", _POOLED, "pairs").compute()
             out["coupling/negative_weight_fraction"] = result["negative_weight_fraction"]
-            for s in SCORES:
-                for r in RESPONSES:
-                    name, res = combo_name(s, r), result[f"{s}/{r}"]
+            for s in COUPLING_SCORES:
+                for r in COUPLING_RESPONSES:
+                    name, res = coupling_metric_name(s, r), result[f"{s}/{r}"]
                     pooled = res["pooled"]
                     out.update({f"coupling/{name}/{k}": pooled[k] for k in ("rho", "log10_p", "n")})
                     out[f"coupling/{name}/median_group_rho"] = res["median_group_rho"]
@@ -186,8 +185,8 @@ class CouplingMonitor(RoutingMonitor):
         if made is None:
             return
         fig, (ax,) = made
-        for r in RESPONSES:
-            stats = coupling[combo_name("weight", r)]["pooled"]
+        for r in COUPLING_RESPONSES:
+            stats = coupling[coupling_metric_name("weight", r)]["pooled"]
             if not math.isnan(stats["rho"]):
                 ax.plot(range(1, 11), stats["deciles"], marker="o", label=f"{r} (rho {stats['rho']:.2f})")
         ax.axhline(0, color="grey", linestyle=":")

@@ -3,7 +3,7 @@
 Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP synchronisation is exact.
 """
 
-from lightning_moe.metrics.coupling import LayerCoupling, correlation_log10_p, coupling_stats
+from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, correlation_log10_p, coupling_stats
 from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.metrics.specialization import (
@@ -16,6 +16,8 @@ from lightning_moe.metrics.specialization import (
 from lightning_moe.metrics.transitions import TransitionRouting, experts_for_coverage, mass_coverage_T
 
 __all__ = [
+    "COUPLING_RESPONSES",
+    "COUPLING_SCORES",
     "ExpertLoad",
     "LabelSpecialization",
     "LayerCoupling",

@@ -34,8 +34,8 @@ from torchmetrics.utilities import dim_zero_cat
 from lightning_moe.metrics.geometry import DECILES, decile_means, projection_norms_N, spearman, zscore_per_group
 from lightning_moe.utils import check_positive_int
 
-SCORES: tuple[str, ...] = ("weight", "logit")
-RESPONSES: tuple[str, ...] = ("gate_norm", "up_norm", "gate_act")
+COUPLING_SCORES: tuple[str, ...] = ("weight", "logit")
+COUPLING_RESPONSES: tuple[str, ...] = ("gate_norm", "up_norm", "gate_act")
 _TINY = 1e-300  # keeps Lentz's continued fraction away from division by zero
 
 
@@ -99,7 +99,7 @@ def coupling_stats(x_N: Tensor, y_N: Tensor, groups_N: Tensor) -> dict[str, Tens
 
 
 def expert_responses_N(x_ND: Tensor, experts_N: Tensor, gate_EFD: Tensor, up_EFD: Tensor) -> dict[str, Tensor]:
-    """Every response of :data:`RESPONSES` for each (token, selected expert) pair, fp32."""
+    """Every response of :data:`COUPLING_RESPONSES` for each (token, selected expert) pair, fp32."""
     gate_act_N = torch.empty(x_ND.shape[0], dtype=torch.float32, device=x_ND.device)
     for e in torch.unique(experts_N).tolist():
         sel = experts_N == e
@@ -119,7 +119,7 @@ class LayerCoupling(Metric):
     before ranking, which is exact); they grow with the evaluated tokens, so evaluate a bounded set.
 
     ``compute()`` returns ``{"<score>/<response>": {"pooled": stats, "layers": [stats per layer],
-    "median_group_rho": float}}`` for every score of :data:`SCORES` and response of :data:`RESPONSES`, with
+    "median_group_rho": float}}`` for every score of :data:`COUPLING_SCORES` and response of :data:`COUPLING_RESPONSES`, with
     ``stats`` from :func:`coupling_stats` (z-scored per (layer, expert) in every case, as the authors do), and
     ``median_group_rho`` the median ρ over (layer, expert) groups with at least ``min_group_pairs`` pairs; and
     ``"negative_weight_fraction"``: the share of pairs with a negative dispatch weight (cosine scores used as
@@ -139,18 +139,18 @@ class LayerCoupling(Metric):
         check_positive_int("num_experts", num_experts)
         check_positive_int("min_group_pairs", min_group_pairs)
         self.num_layers, self.num_experts, self.min_group_pairs = num_layers, num_experts, min_group_pairs
-        for name in ("groups", *SCORES, *RESPONSES):
+        for name in ("groups", *COUPLING_SCORES, *COUPLING_RESPONSES):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, layer: int, experts_N: Tensor, scores: dict[str, Tensor], responses: dict[str, Tensor]) -> None:
-        """Add one layer's pairs: ``scores`` has every key of :data:`SCORES`, ``responses`` every key of
-        :data:`RESPONSES`, each one value per pair."""
+        """Add one layer's pairs: ``scores`` has every key of :data:`COUPLING_SCORES`, ``responses`` every key of
+        :data:`COUPLING_RESPONSES`, each one value per pair."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must lie in [0, num_layers={self.num_layers}), got {layer!r}.")
         given = {**scores, **responses}
-        missing = [k for k in (*SCORES, *RESPONSES) if k not in given]
+        missing = [k for k in (*COUPLING_SCORES, *COUPLING_RESPONSES) if k not in given]
         if missing:
-            raise ValueError(f"update() is missing {missing}; give scores {SCORES} and responses {RESPONSES}.")
+            raise ValueError(f"update() is missing {missing}; give scores {COUPLING_SCORES} and responses {COUPLING_RESPONSES}.")
         bad = {k: tuple(v.shape) for k, v in given.items() if v.shape != experts_N.shape}
         if bad:
             raise ValueError(
@@ -160,7 +160,7 @@ class LayerCoupling(Metric):
         if experts_N.numel() and not 0 <= int(experts_N.min()) <= int(experts_N.max()) < self.num_experts:
             raise ValueError(f"expert ids must lie in [0, num_experts={self.num_experts}).")
         self.groups.append((layer * self.num_experts + experts_N.detach().long()).reshape(-1))
-        for k in (*SCORES, *RESPONSES):
+        for k in (*COUPLING_SCORES, *COUPLING_RESPONSES):
             getattr(self, k).append(given[k].detach().double().reshape(-1))
 
     def compute(self) -> dict[str, Any]:
@@ -168,12 +168,12 @@ class LayerCoupling(Metric):
             raise ValueError("no (score, response) pairs were recorded; update the metric first.")
         groups_N = dim_zero_cat(self.groups)
         layer_N = groups_N // self.num_experts
-        values = {k: dim_zero_cat(getattr(self, k)) for k in (*SCORES, *RESPONSES)}
+        values = {k: dim_zero_cat(getattr(self, k)) for k in (*COUPLING_SCORES, *COUPLING_RESPONSES)}
         counts_G = torch.bincount(groups_N, minlength=self.num_layers * self.num_experts)
         big_groups = torch.nonzero(counts_G >= self.min_group_pairs).flatten().tolist()
         out: dict[str, Any] = {"negative_weight_fraction": float((values["weight"] < 0).double().mean())}
-        for s in SCORES:
-            for r in RESPONSES:
+        for s in COUPLING_SCORES:
+            for r in COUPLING_RESPONSES:
                 x_N, y_N = values[s], values[r]
                 group_rhos = [float(spearman(x_N[groups_N == g], y_N[groups_N == g])) for g in big_groups]
                 group_rhos = [v for v in group_rhos if not math.isnan(v)]  # constant x or y inside a group

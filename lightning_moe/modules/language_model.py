@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.data.batch import IGNORE_INDEX
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
 from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
@@ -18,7 +19,6 @@ from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.utils import check_non_negative, check_positive
 
 LN2 = math.log(2)
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: labels equal to it are not scored
 
 
 def check_labels(labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int) -> None:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write ``data`` as JSON so a reader never sees half a file (a run killed mid-write leaves no result)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+from lightning_moe.utils import write_json_atomic
 
 
 class StudyMetrics(pl.Callback):

@@ -26,7 +26,7 @@ to collect, the paper's numbers and the claims to check, all as data. The commen
     smoke:                         # what ``--smoke`` changes so the whole study runs in about a minute
       seeds: [0]                   # optional
       overrides: {trainer.max_steps: 5, trainer.limit_val_batches: 2}
-    sections: lightning_moe.studies.sections.mine:render   # optional: study-specific report sections, see
+    sections: lightning_moe.studies.mine.section:render   # optional: study-specific report sections, see
                                                            # :class:`lightning_moe.studies.report.ReportContext`
 
 Overrides are applied in this order, later ones winning: ``overrides``, the condition's, the grid point's, the
@@ -385,7 +385,7 @@ def _sections(raw: Any) -> str:
         return ""
     if not isinstance(raw, str) or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", raw):
         raise StudyError(
-            f"sections must be 'package.module:function', e.g. 'lightning_moe.studies.sections.transitions:render', "
+            f"sections must be 'package.module:function', e.g. 'lightning_moe.studies.transitions.section:render', "
             f"got {raw!r}."
         )
     return raw

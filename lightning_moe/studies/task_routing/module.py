@@ -7,6 +7,7 @@ Legend: B batch (sentences), S sequence, T = B*S tokens, E experts, K tasks (``t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,16 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_moe.gating.oracle import OracleRouter
-from lightning_moe.layers import MoELayer, moe_layers
-from lightning_moe.metrics.specialization import (
-    LabelSpecialization,
-    conditional_entropy_C,
-    share_matrix_CE,
-    specialization_stats,
-)
-from lightning_moe.modules.language_model import IGNORE_INDEX, LN2, MoELanguageModel
+from lightning_moe import MoELayer, moe_layers
+from lightning_moe.data import IGNORE_INDEX
+from lightning_moe.metrics import LabelSpecialization, conditional_entropy_C, share_matrix_CE, specialization_stats
+from lightning_moe.modules import MoELanguageModel
+from lightning_moe.studies.task_routing.oracle import OracleRouter
 from lightning_moe.utils import check_non_negative, check_positive_int
+
+LN2 = math.log(2)
 
 ROUTING_FILE = "routing.json"
 
@@ -108,12 +107,12 @@ def routing_scalars(top1_KE: Tensor, soft_KE: Tensor, dominant_share: float) -> 
 
 
 class TaskRoutingLM(MoELanguageModel):
-    """:class:`MoELanguageModel` on :class:`~lightning_moe.data.task_routing.TaskRoutingDataModule` batches, with
+    """:class:`MoELanguageModel` on :class:`~lightning_moe.studies.task_routing.data.TaskRoutingDataModule` batches, with
     the paper's task-routing loss and its evaluation.
 
     Training loss: CE + the router's own aux losses (load balancing, z-loss, as configured) +
     ``task_routing_weight`` x L_router (logged as ``train/aux/task_routing``, already weighted; ``train/loss`` is
-    the parent's CE + router aux losses, without it). With an :class:`~lightning_moe.gating.oracle.OracleRouter`
+    the parent's CE + router aux losses, without it). With an :class:`~lightning_moe.studies.task_routing.OracleRouter`
     every token is routed to e(task) = task mod E instead (the capacity sweep).
 
     Validation (loader 0 = test split, 1 = training split) logs, on the test split: ``val/exact_match`` (greedy

@@ -1,5 +1,5 @@
 """Report sections of the domain-transition studies (``recipes/transitions`` and its ``lm/``), built from the
-finished rows and the ``transition_curve.json`` each run writes (see :mod:`lightning_moe.modules.transitions`):
+finished rows and the ``transition_curve.json`` each run writes (see :mod:`lightning_moe.studies.transitions.modules`):
 paired gains and the beta x Ant interaction per seed, p(correct expert) aligned on the transition step, and the
 wall time beside the reference prototypes' measured time (transitions spec §6).
 """

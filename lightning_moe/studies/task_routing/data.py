@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_moe.modules.language_model import IGNORE_INDEX
+from lightning_moe.data import IGNORE_INDEX
 from lightning_moe.utils import check_non_negative, check_positive_int
 
 PAD, EOS = 0, 1

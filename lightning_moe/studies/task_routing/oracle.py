@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe.gating.base import Router, Routing
+from lightning_moe.gating import Router, Routing
 
 
 class OracleRouter(Router):
     """Top-1 routing read from :meth:`assign`, with weight 1 and one-hot scores; no parameters, no aux loss.
 
     The assignment is an *input* of the next forward, like the tokens: call ``assign(experts_BS)`` before each
-    forward (the :class:`~lightning_moe.modules.task_routing.TaskRoutingLM` does it from the batch's task
+    forward (the :class:`~lightning_moe.studies.task_routing.module.TaskRoutingLM` does it from the batch's task
     labels). A forward without a matching assignment raises rather than silently routing to expert 0.
     """
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.gating.transitions import TransitionRouter, label_frequency_error
+from lightning_moe.gating import TransitionRouter, label_frequency_error
 from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
 
 RouteOn = Literal["current", "next"]

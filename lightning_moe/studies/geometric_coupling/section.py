@@ -11,9 +11,8 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
-from lightning_moe.callbacks.coupling import HEADLINE, combo_name
-from lightning_moe.callbacks.plots import matplotlib_available
-from lightning_moe.metrics.coupling import RESPONSES, SCORES
+from lightning_moe.callbacks import COUPLING_HEADLINE, coupling_metric_name, matplotlib_available
+from lightning_moe.metrics import COUPLING_RESPONSES, COUPLING_SCORES
 from lightning_moe.studies.report import ReportContext, figure, markdown_table, mean_std, mean_std_text
 
 ARTIFACT = "coupling.json"
@@ -190,27 +189,27 @@ def _coupling(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
            "Spearman ρ of the selected expert's score against its response, z-scored per (layer, expert), pooled "
            "over layers, on the final validation set; mean ± std over seeds, and the largest (least significant) "
            f"log10 p of the seeds. Paper (Loss-Free run, weight vs gate norm): ρ = {PAPER_RHO}, p = {PAPER_P}. "
-           f"Headline: `{HEADLINE}` (the authors' script); `gate_act` is the digest's mean SiLU activation; "
+           f"Headline: `{COUPLING_HEADLINE}` (the authors' script); `gate_act` is the digest's mean SiLU activation; "
            "`up_norm` is the linear branch the gradient argument is about; `logit` is the raw h·r_e. The t-test "
            "treats the pairs as independent; they are not (one token gives K pairs in every layer, tokens of a "
            "sequence share context), so p overstates the significance, as the paper's own p does.", ""]
-    header = ["condition"] + [f"{combo_name(s, r)}: ρ (max log10 p)" for s in SCORES for r in RESPONSES]
+    header = ["condition"] + [f"{coupling_metric_name(s, r)}: ρ (max log10 p)" for s in COUPLING_SCORES for r in COUPLING_RESPONSES]
     rows = []
     for c in ctx.results.conditions():
         row = [c]
-        for s in SCORES:
-            for r in RESPONSES:
-                rho = _final(ctx, c, f"val/coupling/{combo_name(s, r)}/rho")
-                p = _final(ctx, c, f"val/coupling/{combo_name(s, r)}/log10_p")
+        for s in COUPLING_SCORES:
+            for r in COUPLING_RESPONSES:
+                rho = _final(ctx, c, f"val/coupling/{coupling_metric_name(s, r)}/rho")
+                p = _final(ctx, c, f"val/coupling/{coupling_metric_name(s, r)}/log10_p")
                 row.append(f"{_text(rho)} ({max(p):.1f})" if p else _DASH)
         rows.append(row)
-    out += markdown_table(header, rows) + ["", f"**Per layer, `{HEADLINE}` ρ** (paper: per-layer values not in the digest)", ""]
-    out += _per_layer_table(ctx, layers, lambda l: f"val/coupling/{l}/{HEADLINE}/rho",
-                            f"val/coupling/{HEADLINE}/rho", mean_label="pooled")
+    out += markdown_table(header, rows) + ["", f"**Per layer, `{COUPLING_HEADLINE}` ρ** (paper: per-layer values not in the digest)", ""]
+    out += _per_layer_table(ctx, layers, lambda l: f"val/coupling/{l}/{COUPLING_HEADLINE}/rho",
+                            f"val/coupling/{COUPLING_HEADLINE}/rho", mean_label="pooled")
     out += ["", f"**Median ρ over (layer, expert) groups with enough pairs (the monitor's `min_group_pairs`, 128 as the "
-            f"authors), `{HEADLINE}` / `weight_vs_up_norm`**", ""]
-    out += markdown_table(["condition", HEADLINE, "weight_vs_up_norm"], [
-        [c, _text(_final(ctx, c, f"val/coupling/{HEADLINE}/median_group_rho")),
+            f"authors), `{COUPLING_HEADLINE}` / `weight_vs_up_norm`**", ""]
+    out += markdown_table(["condition", COUPLING_HEADLINE, "weight_vs_up_norm"], [
+        [c, _text(_final(ctx, c, f"val/coupling/{COUPLING_HEADLINE}/median_group_rho")),
          _text(_final(ctx, c, "val/coupling/weight_vs_up_norm/median_group_rho"))]
         for c in ctx.results.conditions()
     ]) + [""]
@@ -222,7 +221,7 @@ def _coupling(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
         link = _decile_plot(ctx)
         if link:
             out += ["Decile curves (mean over seeds; rising = coupled; the paper's Fig. 2 is monotone):", "", link, ""]
-        link = _curves_plot(ctx, [(f"val/coupling/{HEADLINE}/rho", f"{HEADLINE} rho"),
+        link = _curves_plot(ctx, [(f"val/coupling/{COUPLING_HEADLINE}/rho", f"{COUPLING_HEADLINE} rho"),
                                   ("val/coupling/weight_vs_up_norm/rho", "weight_vs_up_norm rho")],
                             "coupling_over_training.png", log=False)
         if link:
@@ -232,11 +231,11 @@ def _coupling(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
 
 def _decile_plot(ctx: ReportContext) -> str | None:
     """Mean z-scored response per dispatch-weight decile, one panel per response, one line per condition."""
-    fig, axes = _figure(len(RESPONSES))
+    fig, axes = _figure(len(COUPLING_RESPONSES))
     drawn = False
-    for ax, r in zip(axes, RESPONSES):
+    for ax, r in zip(axes, COUPLING_RESPONSES):
         for c in ctx.results.conditions():
-            curves = [art["coupling"][combo_name("weight", r)]["pooled"]["deciles"]
+            curves = [art["coupling"][coupling_metric_name("weight", r)]["pooled"]["deciles"]
                       for row in ctx.runs(c) if (art := ctx.artifact(row["run_id"], ARTIFACT)) and art.get("coupling")]
             if curves:
                 ax.plot(range(1, 11), [statistics.fmean(v) for v in zip(*curves)], marker="o", markersize=3, label=c)

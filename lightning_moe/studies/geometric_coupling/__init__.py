@@ -1,0 +1,1 @@
+"""Router–expert geometric coupling and the K-Means router: the report section. Recipes: ``recipes/geometric_coupling/``."""
