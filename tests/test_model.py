@@ -106,3 +106,13 @@ def test_nan_in_routing_stops_training_with_layer_and_step(tmp_path):
                          default_root_dir=tmp_path, callbacks=[PoisonAtStep2()])
     with pytest.raises(ValueError, match=r"global step 2, blocks.1.ffn: non-finite router scores"):
         trainer.fit(module, datamodule=TinyLMData())
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.proj.weight", "blocks.0.ffn.shared_expert.w2.weight"])
+def test_residual_output_projections_are_scaled_by_depth(name):
+    """nn.Linear's default init is uniform in +-1/sqrt(fan_in); GPT-2's scaling shrinks that bound by
+    1/sqrt(2 * n_layers) = 1/4 for 8 layers, the shared expert's output projection included."""
+    model = MoETransformer(**{**TINY, "n_layers": 8, "shared_d_ff": 64})
+    weight = dict(model.named_parameters())[name]
+    bound = weight.shape[1] ** -0.5
+    assert weight.abs().max() <= bound / 4

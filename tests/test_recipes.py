@@ -19,17 +19,6 @@ OVERLAY_BASES = {
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.name != "study.yaml")
 
 
-STUDIES = sorted((ROOT / "recipes").rglob("study.yaml"))
-
-
-@pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.parent.relative_to(ROOT / "recipes").as_posix())
-def test_study_claims_read_collected_metrics_of_its_conditions(study_file):
-    study = load_study(study_file)
-    for claim in study.claims:
-        assert claim.conditions() <= {c.name for c in study.conditions}, claim.name
-        assert claim.metrics() <= set(study.metrics), claim.name
-
-
 def test_recipes_exist():
     assert ROOT / "recipes" / "quickstart.yaml" in RECIPES
 

@@ -128,7 +128,8 @@ class MoETransformer(nn.Module):
         # GPT-2's residual scaling: each block adds two branches, so shrink their output projections by
         # 1/sqrt(2*n_layers) to keep the residual stream's variance flat with depth.
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "ffn.w2.weight", "mlp.w2")):
+            # Every FFN output projection: dense FFNs and shared experts (`w2.weight`), routed experts (`mlp.w2`).
+            if name.endswith(("attn.proj.weight", ".w2.weight", "mlp.w2")):
                 with torch.no_grad():
                     p.mul_((2 * n_layers) ** -0.5)
 
