@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.gating import TransitionRouter, label_frequency_error
+from lightning_moe.metrics import experts_for_coverage
 from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
 
 RouteOn = Literal["current", "next"]
@@ -35,14 +36,10 @@ LAST_N = 50  # the reference reports the mean of the last 50 training batches
 ALIGN = 8  # curve positions kept either side of the transition step
 
 
-def experts_for_coverage(p: float, coverage: float = 0.99) -> float:
-    """``K = log(1 - coverage) / log(1 - p)``: independent gate draws needed to hit the right expert with
-    probability ``coverage`` (spec §2); 1 for p >= 0.999 and 999 for p <= 0.001, as the reference clips."""
-    if p >= 0.999:
-        return 1.0
-    if p <= 0.001:
-        return 999.0
-    return math.log(1 - coverage) / math.log(1 - p)
+
+def _k99(p: float) -> float:
+    """The core metric's experts-for-99%-coverage of one probability, as a logged float."""
+    return float(experts_for_coverage(torch.tensor(p)))
 
 
 class _AlignedCurve:
@@ -174,12 +171,12 @@ class TransitionRoutingToy(_RoutedModule):
         p_all, acc_all = (self._sums[2:] / self._counts[1]).tolist()
         metrics = {
             "val/p_trans": p_trans, "val/acc_trans": acc_trans, "val/p_all": p_all, "val/acc_all": acc_all,
-            "val/k99_trans": experts_for_coverage(p_trans),
+            "val/k99_trans": _k99(p_trans),
         }
         if self._recent_trans:
             metrics["ref/acc_trans"] = torch.stack(self._recent_trans).mean().item()
             metrics["ref/acc_all"] = torch.stack(self._recent_all).mean().item()
-            metrics["ref/k99_trans"] = experts_for_coverage(metrics["ref/acc_trans"])
+            metrics["ref/k99_trans"] = _k99(metrics["ref/acc_trans"])
         if self.router.beta:
             metrics["val/beta_mean"] = self.router.beta_D.mean().item()
         if self.router.precision:
@@ -374,7 +371,7 @@ class TransitionCharLM(_RoutedModule):
             "val/bpc_trans": ce_BS[trans_BS].mean().item() / ln2,
             "val/p_b_trans": p_trans,
             "val/p_b_mid": p_b_BS[mid_BS].mean().item(),
-            "val/k99_trans": experts_for_coverage(p_trans),
+            "val/k99_trans": _k99(p_trans),
             "val/specialisation": (mean_2E[1, expert_b] / mean_2E[0, expert_b].clamp(min=1e-12)).item(),
         })
         curve = _AlignedCurve()
