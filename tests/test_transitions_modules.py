@@ -172,3 +172,26 @@ def test_regression_target_is_the_mean_of_the_domains_half():
     for i in range(32):
         d = b["domain_B"][i].item()
         assert b["target_B1"][i, 0].item() == pytest.approx(b["x_BD"][i, 8 * d : 8 * d + 8].mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("module_cls, task", [
+    (TransitionRoutingToy, "routing"), (TransitionSequenceRouting, "early_signal"),
+    (TransitionCharLM, "chars"), (TransitionPrecisionRegression, "regression"),
+])
+def test_checkpoint_rebuilds_the_module_and_its_router_from_the_path_alone(module_cls, task, tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_moe.studies.transitions import TransitionTaskDataModule
+
+    torch.manual_seed(0)
+    module = module_cls(TransitionRouter(**{**PLAIN, "beta": True}))
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=TransitionTaskDataModule(task=task, batch_size=4, val_batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = module_cls.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert restored.router.config() == module.router.config()
+    state, restored_state = module.state_dict(), restored.state_dict()
+    assert state.keys() == restored_state.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(restored_state[name], value, rtol=0, atol=0)

@@ -17,6 +17,7 @@ each sequence's transition step) into the run folder for the report's plots.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.gating import TransitionRouter, label_frequency_error
+from lightning_moe.gating import Router, TransitionRouter, label_frequency_error
 from lightning_moe.metrics import experts_for_coverage
 from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
 
@@ -76,7 +77,11 @@ class _RoutedModule(pl.LightningModule):
     """What the study's modules share: one :class:`TransitionRouter` bound to ``(d_model, E)`` and the reference's
     optimiser (Adam, no weight decay or schedule)."""
 
-    def _bind(self, router: TransitionRouter, d_model: int, num_experts: int, lr: float) -> None:
+    def _bind(self, router: TransitionRouter | dict, d_model: int, num_experts: int, lr: float) -> None:
+        """Bind the router and save the caller's ``__init__`` arguments as hyper-parameters, the router as its
+        YAML config (a dict), so ``load_from_checkpoint(path)`` alone rebuilds the module."""
+        if isinstance(router, dict):  # from a checkpoint's hyper-parameters
+            router = Router.from_config(router)
         check_positive_int("d_model", d_model)
         check_positive_int("num_experts", num_experts)
         check_positive("lr", lr)
@@ -85,6 +90,8 @@ class _RoutedModule(pl.LightningModule):
                             "lightning_moe.gating.TransitionRouter.")
         router.bind(d_model, num_experts, num_experts)
         self.router, self.lr = router, lr
+        self.save_hyperparameters(ignore=["router"], frame=inspect.currentframe().f_back)
+        self.hparams["router"] = router.config()
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -115,7 +122,6 @@ class TransitionRoutingToy(_RoutedModule):
         if route_on not in ("current", "next"):
             raise ValueError(f"route_on={route_on!r} is not a routing input; use 'current' or 'next' (oracle).")
         self._bind(router, d_model, num_experts, lr)
-        self.save_hyperparameters(ignore=["router"])
         self.route_on = route_on
         self._recent_trans: list[Tensor] = []
         self._recent_all: list[Tensor] = []
@@ -221,7 +227,6 @@ class TransitionSequenceRouting(_RoutedModule):
         if readout not in ("last", "mean"):
             raise ValueError(f"readout={readout!r} is not a readout; use 'last' or 'mean'.")
         self._bind(router, d_model, num_experts, lr)
-        self.save_hyperparameters(ignore=["router"])
         self.readout, self.loss_on_probabilities = readout, loss_on_probabilities
         self._recent: list[Tensor] = []
 
@@ -300,7 +305,6 @@ class TransitionCharLM(_RoutedModule):
         check_positive_int("d_expert", d_expert)
         check_non_negative("transition_weight", transition_weight)
         self._bind(router, d_model, num_experts, lr)
-        self.save_hyperparameters(ignore=["router"])
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.experts = nn.ModuleList(_Expert(d_model, d_expert) for _ in range(num_experts))
         self.norm = nn.LayerNorm(d_model)
@@ -426,7 +430,6 @@ class TransitionPrecisionRegression(_RoutedModule):
                              f"expert_noise={list(expert_noise)}; or null for static reliability.")
         E = len(expert_noise)
         self._bind(router, d_model, E, lr)
-        self.save_hyperparameters(ignore=["router"])
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(d_model, d_expert), nn.ReLU(), nn.Linear(d_expert, 1)) for _ in range(E)
         )
