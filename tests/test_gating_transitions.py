@@ -253,3 +253,14 @@ def test_chunk_size_must_be_a_positive_integer():
 def test_init_beta_is_logit_of_point_nine():
     router = bound(TransitionRouter())
     torch.testing.assert_close(router.logit_beta, torch.full((4,), math.log(9.0)))
+
+
+@pytest.mark.parametrize("flags", [dict(beta=False), dict(beta=True), dict(beta=True, carry_state=True),
+                                   dict(beta=True, memory_form="capped_logit", anticipation=False)])
+def test_every_configuration_returns_one_routing_type(flags):
+    from lightning_moe.gating import MemoryRouting
+
+    router = bound(TransitionRouter(**flags, **NO_LOSSES))
+    routing = router(torch.randn(2, 5, 4))
+    assert type(routing) is MemoryRouting
+    assert (routing.memory_BD is not None) == flags.get("carry_state", False)

@@ -45,6 +45,10 @@ class MemoryRouting(Routing):
     memory_BD: Tensor | None = None
 
 
+def _with_memory(routing: Routing, memory_BD: Tensor | None) -> MemoryRouting:
+    return MemoryRouting(**{f.name: getattr(routing, f.name) for f in fields(routing)}, memory_BD=memory_BD)
+
+
 class TransitionRouter(SoftmaxTopK):
     """Softmax top-k gate with any subset of beta memory, precision weighting and anticipation.
 
@@ -274,12 +278,13 @@ class TransitionRouter(SoftmaxTopK):
 
     # ---- gate ----------------------------------------------------------------------------------------------
 
-    def forward(self, x_BSD: Tensor) -> Routing:
+    def forward(self, x_BSD: Tensor) -> MemoryRouting:
+        """Always a :class:`MemoryRouting` (one return type); ``memory_BD`` is set only with ``carry_state``."""
         B, S, D = x_BSD.shape
         if self.memory_form == "capped_logit":
             current_BSE = self.logits(x_BSD.reshape(-1, D)).view(B, S, -1)
             logits_TE = capped_integrate(current_BSE, self.logit_beta, self.memory_cap).reshape(B * S, -1)
-            return self.route(self.apply_precision(logits_TE) if self.precision else logits_TE)
+            return _with_memory(self.route(self.apply_precision(logits_TE) if self.precision else logits_TE), None)
         memory_BSD = self.memory(x_BSD) if self.beta else None  # fp32
         h_BSD = memory_BSD.to(x_BSD.dtype) if memory_BSD is not None else x_BSD
         losses: dict[str, Tensor] = {}
@@ -296,10 +301,7 @@ class TransitionRouter(SoftmaxTopK):
         if self.precision:
             logits_TE = self.apply_precision(logits_TE)
         routing = self.route(logits_TE, losses)
-        if not self.carry_state:
-            return routing
-        values = {f.name: getattr(routing, f.name) for f in fields(routing)}
-        return MemoryRouting(**values, memory_BD=memory_BSD[:, -1].detach())
+        return _with_memory(routing, memory_BSD[:, -1].detach() if self.carry_state else None)
 
     @staticmethod
     def anticipation_loss(xhat_BSD: Tensor, x_BSD: Tensor) -> Tensor:
@@ -310,7 +312,7 @@ class TransitionRouter(SoftmaxTopK):
 
     def observe(self, x_TD: Tensor, routing: Routing) -> None:
         self._observed = True
-        if self.carry_state and isinstance(routing, MemoryRouting) and routing.memory_BD is not None:
+        if self.carry_state and getattr(routing, "memory_BD", None) is not None:
             self.memory_BD = routing.memory_BD.to(self.memory_BD)
 
     def extra_repr(self) -> str:
