@@ -1,17 +1,22 @@
-"""Forward+backward of one MoE layer: native grouped vs a Mixtral-style per-expert loop vs a dense FFN.
+"""Forward+backward of one MoE layer: native vs a Mixtral-style per-expert loop vs a dense FFN.
 
 The dense FFN has width K*F, so it does exactly the active FLOPs of the MoE layer with no routing: the
 practical limit. All three are timed interleaved in one process (A B C A B C ...) so machine noise hits them
-alike; ratios are what to read. Memory is the size of the tensors autograd saves for backward (activation
-memory): distinct storages, parameters excluded, counted exactly with saved-tensor hooks.
+alike; ratios are what to read. Parameter gradients are cleared (``grad = None``) before every step, as
+Lightning does: letting them accumulate adds a read-modify-write of every weight gradient. Memory is the size of
+the tensors autograd saves for backward (activation memory): distinct storages, parameters and the input
+excluded, counted exactly with saved-tensor hooks.
 
-    python benchmarks/bench_moe_layer.py               # the full grid (several minutes on 2 CPU cores)
-    python benchmarks/bench_moe_layer.py --quick       # T=2048, (E,K)=(8,2) only
+    python -m benchmarks.bench_moe_layer                 # fp32 grid at T=4096 (a few minutes on 1 core)
+    python -m benchmarks.bench_moe_layer --bf16_tokens 256   # add bf16 at a small T (slow on CPUs without
+                                                         # bf16 matrix instructions)
+    python -m benchmarks.bench_moe_layer --quick         # one small point, for a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 
@@ -20,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe import MoELayer, SoftmaxTopK
+from lightning_moe.experts.native import gelu
 from lightning_moe.layers import DenseFFN
+
+# (E, K, F): few wide experts, many narrow ones, and very many narrower ones; K*F (the dense width) is 2048,
+# 2048 and 1024.
+POINTS = [(8, 2, 1024), (64, 8, 256), (128, 8, 128)]
 
 
 class MixtralLoopExperts(nn.Module):
@@ -33,13 +43,15 @@ class MixtralLoopExperts(nn.Module):
     def forward(self, x_TD: Tensor) -> Tensor:
         r = self.layer.router(x_TD.unsqueeze(0))
         mlp = self.layer.experts.mlp
-        w1, w2, v1 = mlp.per_expert("w1"), mlp.per_expert("w2"), mlp.per_expert("v1")
+        w1, w2 = mlp.per_expert("w1"), mlp.per_expert("w2")
+        v1 = mlp.per_expert("v1") if mlp.v1 is not None else None
         out = torch.zeros_like(x_TD)
         mask_EKT = F.one_hot(r.experts_TK, mlp.num_experts).permute(2, 1, 0)
         for e in torch.nonzero(mask_EKT.sum(dim=(-1, -2)) > 0).flatten().tolist():
             slot, tok = torch.where(mask_EKT[e])
             h = x_TD[tok]
-            y = (F.silu(h @ w1[e].T) * (h @ v1[e].T)) @ w2[e]
+            a = F.silu(h @ w1[e].T) * (h @ v1[e].T) if v1 is not None else gelu(h @ w1[e].T)
+            y = a @ w2[e]
             out.index_add_(0, tok, (y * r.weights_TK[tok, slot, None]).to(x_TD.dtype))
         return out
 
@@ -61,19 +73,25 @@ def saved_bytes(fn: nn.Module, x: Tensor) -> int:
     return sum(storages.values())
 
 
-def fwd_bwd(fn, x: Tensor, grad: Tensor) -> float:
+def fwd_bwd(fn: nn.Module, x: Tensor, grad: Tensor) -> float:
+    for p in fn.parameters():
+        p.grad = None
+    x.grad = None
     t0 = time.perf_counter()
     fn(x).backward(grad)
     return time.perf_counter() - t0
 
 
-def run_point(T: int, D: int, F_: int, E: int, K: int, dtype: torch.dtype, reps: int) -> dict[str, dict[str, float]]:
+def run_point(
+    T: int, D: int, F_: int, E: int, K: int, activation: str, dtype: torch.dtype, reps: int
+) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    layer = MoELayer(D, F_, E, K, router=SoftmaxTopK(load_balancing_weight=0, z_loss_weight=0)).to(dtype)
+    router = SoftmaxTopK(load_balancing_weight=0, z_loss_weight=0)
+    layer = MoELayer(D, F_, E, K, router=router, activation=activation).to(dtype)
     impls = {
         "native": layer,
         "hf_loop": MixtralLoopExperts(layer),
-        "dense": DenseFFN(D, K * F_).to(dtype),
+        "dense": DenseFFN(D, K * F_, activation).to(dtype),
     }
     x = torch.randn(T, D, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, D, dtype=dtype)
@@ -89,39 +107,51 @@ def run_point(T: int, D: int, F_: int, E: int, K: int, dtype: torch.dtype, reps:
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one small point (T=2048, E=8, K=2) in both dtypes")
+    p.add_argument("--quick", action="store_true", help="T=512, E=8 only, both activations: a smoke run")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--tokens", type=int, default=4096, help="T for the fp32 points")
     p.add_argument(
-        "--bf16_max_tokens", type=int, default=2048,
-        help="skip bf16 points above this T: CPUs without native bf16 matmul (no AVX512-BF16/AMX) run bf16 GEMMs "
-        "20-100x slower than fp32, so T=8192 bf16 takes hours there; raise it on a CPU that has them",
+        "--bf16_tokens", type=int, default=0,
+        help="T for bf16 points (0 = no bf16): CPUs without bf16 matrix instructions (no AVX512-BF16/AMX) run "
+        "bf16 GEMMs at a few GFLOP/s, 20-100x slower than fp32, so keep it small there (e.g. 256)",
     )
+    p.add_argument("--activations", nargs="+", default=["gelu", "swiglu"], choices=["gelu", "swiglu"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    D, F_ = 512, 1024
-    Ts = [2048] if args.quick else [2048, 8192]
-    EKs = [(8, 2)] if args.quick else [(8, 2), (64, 8)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), D={D}, F={F_}, forward+backward, "
-          f"median of {args.reps}")
-    header = ("| T | E,K | dtype | native ms | hf_loop ms | dense ms | native/dense | hf_loop/native | "
+    D = 512
+    points = POINTS[:1] if args.quick else POINTS
+    runs = [(512 if args.quick else args.tokens, torch.float32)]
+    if args.bf16_tokens:
+        runs.append((args.bf16_tokens, torch.bfloat16))
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), D={D}, "
+          f"forward+backward, median of {args.reps}")
+    header = ("| T | E,K,F | act | dtype | native ms | hf_loop ms | dense ms | native/dense | hf_loop/native | "
               "saved MiB native / loop / dense |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for T in Ts:
-        for E, K in EKs:
-            for dtype in (torch.float32, torch.bfloat16):
-                if dtype == torch.bfloat16 and T > args.bf16_max_tokens:
-                    print(f"| {T} | {E},{K} | bfloat16 | skipped: T > --bf16_max_tokens={args.bf16_max_tokens} |")
-                    continue
-                r = run_point(T, D, F_, E, K, dtype, args.reps)
+    for T, dtype in runs:
+        for E, K, F_ in points:
+            for act in args.activations:
+                r = run_point(T, D, F_, E, K, act, dtype, args.reps)
                 n, lp, d = r["native"], r["hf_loop"], r["dense"]
                 print(
-                    f"| {T} | {E},{K} | {str(dtype).removeprefix('torch.')} | {n['ms']:.0f} | {lp['ms']:.0f} | "
-                    f"{d['ms']:.0f} | {n['ms'] / d['ms']:.2f} | {lp['ms'] / n['ms']:.2f} | "
-                    f"{n['saved_mib']:.0f} / {lp['saved_mib']:.0f} / {d['saved_mib']:.0f} |",
+                    f"| {T} | {E},{K},{F_} | {act} | {str(dtype).removeprefix('torch.')} | {n['ms']:.0f} | "
+                    f"{lp['ms']:.0f} | {d['ms']:.0f} | {n['ms'] / d['ms']:.2f} | {lp['ms'] / n['ms']:.2f} | "
+                    f"{n['saved_mib']:.1f} / {lp['saved_mib']:.1f} / {d['saved_mib']:.1f} |",
                     flush=True,
                 )
 

@@ -1,8 +1,12 @@
-"""Native dropless experts: token sort, grouped GEMM, fp32 weighting, un-permute.
+"""Native dropless experts: fused per-expert loop on CPU; token sort, grouped GEMM, un-permute elsewhere.
 
 Legend: T tokens, D model width, F expert width, E experts, K slots per token, N = T*K routed copies.
 
-The recipe is MegaBlocks' grouped dMoE step by step, so both backends give the same numbers:
+On CPU the experts run fused (:mod:`lightning_moe.experts.fused`): one ``autograd.Function`` that never builds
+``[N, D]`` copies, measured near a dense FFN of equal FLOPs. Elsewhere (CUDA) the sorted recipe below runs, with
+dispatch (sort + gather), the expert GEMMs (``grouped_mm``) and combine (weight + un-permute) as separate steps;
+it is also the reference the fused path is tested against. The sorted recipe is MegaBlocks' grouped dMoE step by
+step, so both backends give the same numbers:
 flatten the [T, K] expert ids -> stable argsort -> counts per expert -> gather ``x[order // K]`` ->
 per-expert ``act(x @ w1[e].T) @ w2[e]`` (GLU: ``act(x @ w1.T) * (x @ v1.T) @ w2``) -> multiply by the slot
 weight in fp32 -> un-permute to [T, K, D] -> sum over K.
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.experts.fused import fused_experts
 from lightning_moe.gating.base import Routing
 from lightning_moe.utils import check_choice, check_positive_int
 
@@ -90,7 +95,8 @@ class Experts(nn.Module):
         d_ff: width F of each expert.
         num_experts: E.
         activation: ``swiglu`` (GLU with SiLU, adds ``v1``) or ``gelu`` (tanh-approximate GELU MLP).
-        backend: ``native`` (grouped GEMM with a per-expert loop fallback) or ``megablocks`` (MegaBlocks' grouped
+        backend: ``native`` (on CPU a fused per-expert loop; elsewhere sort + grouped GEMM, with a per-expert loop
+            fallback where ``grouped_mm`` has no kernel) or ``megablocks`` (MegaBlocks' grouped
             kernels: CUDA, bf16 weights, MegaBlocks installed; same parameters and numbers as ``native``).
     """
 
@@ -118,25 +124,46 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         if self._megablocks is not None:
             return self._megablocks(x_TD, routing, self.mlp, self.training)
-        T, D = x_TD.shape
+        if x_TD.device.type == "cpu":
+            return self._fused_forward(x_TD, routing)
+        return self._sorted_forward(x_TD, routing)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+        m = self.mlp
+        return m.w1.to(dtype), m.v1.to(dtype) if m.v1 is not None else None, m.w2.to(dtype)
+
+    @torch.compiler.disable(reason="per-expert loop over host-side token counts; runs eagerly on CPU")
+    def _fused_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        dtype = _compute_dtype(x_TD)
+        w1, v1, w2 = self._weights(dtype)
+        return fused_experts(x_TD.to(dtype), routing.weights_TK, routing.experts_TK, w1, v1, w2, self.mlp.d_ff)
+
+    def _sorted_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """Dispatch (stable sort, gather) -> expert GEMMs -> combine (fp32 weighting, un-permute, sum over K)."""
+        x_ND, order_N, counts_E = self._dispatch(x_TD, routing)
+        if _grouped_mm_ok(x_ND, self.mlp.d_ff):
+            y_ND = self._grouped(x_ND, counts_E)
+        else:
+            y_ND = self._loop(x_ND, counts_E)
+        return self._combine(y_ND, order_N, routing)
+
+    def _dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
         K = routing.experts_TK.shape[1]
         flat_N = routing.experts_TK.reshape(-1)
         # Stable sort keeps each expert's tokens in token order: the same row order as MegaBlocks, hence the
         # same floating-point summation order inside each expert GEMM.
         order_N = torch.argsort(flat_N, stable=True)
         counts_E = torch.bincount(flat_N, minlength=self.num_experts)
-        dtype = _compute_dtype(x_TD)
-        x_ND = x_TD[order_N // K].to(dtype)
-        if _grouped_mm_ok(x_ND, self.mlp.d_ff):
-            y_ND = self._grouped(x_ND, counts_E)
-        else:
-            y_ND = self._loop(x_ND, counts_E)
+        return x_TD[order_N // K].to(_compute_dtype(x_TD)), order_N, counts_E
+
+    def _combine(self, y_ND: Tensor, order_N: Tensor, routing: Routing) -> Tensor:
+        T, K = routing.experts_TK.shape
         # Weight in fp32 then cast: bf16 products of two small numbers lose the router's gradient signal.
         w_N = routing.weights_TK.reshape(-1)[order_N]
-        y_ND = (y_ND.float() * w_N.float().unsqueeze(-1)).to(dtype)
+        y_ND = (y_ND.float() * w_N.float().unsqueeze(-1)).to(y_ND.dtype)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return y_ND[inverse_N].view(T, K, D).sum(dim=1)
+        return y_ND[inverse_N].view(T, K, -1).sum(dim=1)
 
     def _act(self, h1: Tensor, v: Tensor | None) -> Tensor:
         return F.silu(h1) * v if v is not None else gelu(h1)
@@ -158,6 +185,8 @@ class Experts(nn.Module):
         w1, w2 = self.mlp.per_expert("w1").to(dtype), self.mlp.per_expert("w2").to(dtype)
         v1 = self.mlp.per_expert("v1").to(dtype) if self.mlp.v1 is not None else None
         outs = []
+        # Reads the counts on the host (one sync per layer): only CUDA setups without grouped_mm kernels
+        # (fp32, or pre-Hopper GPUs) come here.
         for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist())):
             if x_nD.shape[0] == 0:
                 continue
