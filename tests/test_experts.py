@@ -6,16 +6,9 @@ import torch
 from lightning_moe.experts import Experts, reference_experts
 from lightning_moe.experts.native import _grouped_mm_ok
 from lightning_moe.layers import DenseFFN, MoELayer
-from tests.helpers import fixed_routing
+from tests.helpers import assert_close_to_scale, fixed_routing
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def _close(got, want, tol):
-    # Absolute error relative to the tensor's scale: a weight gradient is a sum over tokens, so a bf16
-    # element near zero can carry the rounding of its larger terms.
-    scale = max(1.0, want.float().abs().max().item())
-    torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
 
 
 def _grads(out, tensors, seed=1):
@@ -39,10 +32,10 @@ def test_native_matches_per_token_reference(E, K, empty, activation, dtype):
     params = [p for p in experts.parameters()]
     out, ref = experts(x, routing), reference_experts(experts, x, routing)
     tol = TOL[dtype]
-    _close(out, ref, tol)
+    assert_close_to_scale(out, ref, tol)
     inputs = [x, routing.weights_TK, *params]
     for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
-        _close(got, want, tol)
+        assert_close_to_scale(got, want, tol)
 
 
 def test_grouped_path_is_taken_for_aligned_sizes():

@@ -5,7 +5,7 @@ import torch
 
 from lightning_moe.experts import Experts
 from lightning_moe.layers import DenseFFN
-from tests.helpers import fixed_routing
+from tests.helpers import assert_close_to_scale, fixed_routing
 
 # fp32: both paths do the same GEMMs on the same rows; only the order of the K-slot sum (expert order here, slot
 # order there) and of the weight-gradient dot product differ, so they agree to a few ulps of the values' scale.
@@ -13,11 +13,6 @@ from tests.helpers import fixed_routing
 # path takes the slot weight's gradient from dL/da . a, the sorted path from dL/dy . y), so a few bf16 ulps.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 T, D, F_FF = 12, 8, 16
-
-
-def _close(got, want, tol):
-    scale = max(1.0, want.float().abs().max().item())
-    torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
 
 
 def _setup(E, K, activation, dtype, allowed=None):
@@ -42,11 +37,11 @@ def test_fused_matches_sorted_path_output_and_every_gradient(activation, dtype):
     experts, routing, x_TD, g_TD = _setup(8, 2, activation, dtype)
     y, grads = _outputs_and_grads(experts._fused_forward, experts, routing, x_TD, g_TD)
     y_ref, grads_ref = _outputs_and_grads(experts._sorted_forward, experts, routing, x_TD, g_TD)
-    _close(y, y_ref, TOL[dtype])
+    assert_close_to_scale(y, y_ref, TOL[dtype])
     assert len(grads) == (5 if activation == "swiglu" else 4)  # x, weights, w1, w2 (, v1)
     for got, want in zip(grads, grads_ref):
         assert got.dtype == want.dtype and got.shape == want.shape
-        _close(got, want, TOL[dtype])
+        assert_close_to_scale(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -54,9 +49,9 @@ def test_fused_expert_without_tokens_gets_zero_weight_gradient(activation):
     experts, routing, x_TD, g_TD = _setup(4, 1, activation, torch.float32, allowed=[0, 2])
     y, grads = _outputs_and_grads(experts._fused_forward, experts, routing, x_TD, g_TD)
     y_ref, grads_ref = _outputs_and_grads(experts._sorted_forward, experts, routing, x_TD, g_TD)
-    _close(y, y_ref, TOL[torch.float32])
+    assert_close_to_scale(y, y_ref, TOL[torch.float32])
     for got, want in zip(grads, grads_ref):
-        _close(got, want, TOL[torch.float32])
+        assert_close_to_scale(got, want, TOL[torch.float32])
     F = F_FF
     for g in grads[2:]:  # weight grads: experts 1 and 3 saw no token, so exactly zero
         assert torch.count_nonzero(g[F : 2 * F]) == 0 and torch.count_nonzero(g[3 * F :]) == 0
@@ -87,7 +82,7 @@ def test_fused_one_expert_equals_dense_ffn_with_gradients(activation):
     y_dense = dense(x)
     gx_dense, gw1_dense = torch.autograd.grad(y_dense, [x, dense.w1.weight], g)
     for got, want in ((y, y_dense), (gx, gx_dense), (gw1, gw1_dense)):
-        _close(got, want, TOL[torch.float32])
+        assert_close_to_scale(got, want, TOL[torch.float32])
 
 
 def test_fused_bf16_under_autocast_runs_in_bf16():
