@@ -49,7 +49,10 @@ def test_every_up_projection_row_of_a_selected_expert_gets_a_gradient_parallel_t
 def test_without_a_balance_loss_unselected_rows_and_experts_get_no_gradient():
     _, router_grad_ED, up_EFD, selected = one_token_grads(0.0)
     unselected = [e for e in range(E) if e not in selected]
-    assert router_grad_ED[unselected].abs().max() == 0
+    # The renormalised top-k weights cancel the softmax denominator, so the unselected rows' gradient is zero in
+    # exact arithmetic; in fp32 it is rounding (5e-9 on an Intel Xeon), so compare it to the selected rows' scale.
+    assert router_grad_ED[unselected].abs().max() <= 1e-5 * router_grad_ED[selected].abs().max()
+    # No token reaches an unselected expert: its weights take no part in the forward, so exactly zero.
     assert up_EFD[unselected].abs().max() == 0
 
 
