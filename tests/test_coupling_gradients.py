@@ -49,7 +49,9 @@ def test_every_up_projection_row_of_a_selected_expert_gets_a_gradient_parallel_t
 def test_without_a_balance_loss_unselected_rows_and_experts_get_no_gradient():
     _, router_grad_ED, up_EFD, selected = one_token_grads(0.0)
     unselected = [e for e in range(E) if e not in selected]
-    assert router_grad_ED[unselected].abs().max() == 0
+    # Zero in exact maths (renormalised top-k weights do not depend on unselected logits); in floats the
+    # softmax backward leaves sum(w)-1 rounding, so compare with the selected rows' scale.
+    assert router_grad_ED[unselected].abs().max() <= 1e-6 * router_grad_ED[selected].abs().max()
     assert up_EFD[unselected].abs().max() == 0
 
 
