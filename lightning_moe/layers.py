@@ -54,6 +54,10 @@ class MoELayer(nn.Module):
         activation: ``swiglu`` or ``gelu``.
         backend: ``native`` (any device) or ``megablocks`` (CUDA with MegaBlocks installed).
         shared_d_ff: width of an always-on shared expert; 0 = none.
+        check_finite: raise :class:`NonFiniteRoutingError` (naming the layer) on NaN/inf router scores. ``None``
+            (default) checks where it is free, on CPU; on a GPU the check reads a value back to the host and
+            stalls the stream every layer, so it is off there unless set to ``True`` (a debug switch). Skipped
+            while ``torch.compile`` traces, where it would split the graph.
     """
 
     def __init__(
@@ -66,11 +70,14 @@ class MoELayer(nn.Module):
         activation: Activation = "swiglu",
         backend: Backend = "native",
         shared_d_ff: int = 0,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
             check_positive_int(name, value)
         check_non_negative("shared_d_ff", shared_d_ff)
+        if check_finite is not None and not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be True, False or None, got {check_finite!r}.")
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}; choose top_k <= num_experts.")
         if router is not None and not isinstance(router, Router):
@@ -80,6 +87,7 @@ class MoELayer(nn.Module):
         self.router.bind(d_model, num_experts, top_k)
         self.experts = Experts(d_model, d_ff, num_experts, activation, backend)
         self.shared_expert = DenseFFN(d_model, shared_d_ff, activation) if shared_d_ff > 0 else None
+        self.check_finite = check_finite
         self.name = "MoELayer"  # set to the module path by models, so errors say which layer failed
         self.routing: Routing | None = None
         self.aux_losses: dict[str, Tensor] = {}
@@ -106,7 +114,7 @@ class MoELayer(nn.Module):
         x_BSD = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, self.d_model)
         x_TD = x_BSD.reshape(-1, self.d_model)
         routing = self.router(x_BSD)
-        if not torch.isfinite(routing.scores_TE).all():
+        if self._should_check_finite(routing.scores_TE) and not torch.isfinite(routing.scores_TE).all():
             raise NonFiniteRoutingError(
                 f"{self.name}: non-finite router scores (NaN/inf in the layer input or router weights); "
                 "lower the learning rate, add gradient clipping, or check the data."
@@ -119,6 +127,14 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         return y_TD.view(x.shape)
+
+
+    def _should_check_finite(self, scores_TE: Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if self.check_finite is None:
+            return scores_TE.device.type == "cpu"
+        return self.check_finite
 
 
 def moe_layers(module: nn.Module) -> list[MoELayer]:
