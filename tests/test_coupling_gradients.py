@@ -49,8 +49,11 @@ def test_every_up_projection_row_of_a_selected_expert_gets_a_gradient_parallel_t
 def test_without_a_balance_loss_unselected_rows_and_experts_get_no_gradient():
     _, router_grad_ED, up_EFD, selected = one_token_grads(0.0)
     unselected = [e for e in range(E) if e not in selected]
-    assert router_grad_ED[unselected].abs().max() == 0
-    assert up_EFD[unselected].abs().max() == 0
+    # Zero up to rounding: the maths gives exactly 0, but the softmax backward's fp32 kernels leave ~1e-9 on some
+    # CPUs (Intel AVX-512) and 0 on others, so compare against the selected rows' scale.
+    eps = torch.finfo(torch.float32).eps
+    assert router_grad_ED[unselected].abs().max() <= 16 * eps * router_grad_ED[selected].abs().max()
+    assert up_EFD[unselected].abs().max() <= 16 * eps * up_EFD[selected].abs().max()
 
 
 def test_the_switch_loss_pushes_a_token_parallel_gradient_into_every_router_row():
