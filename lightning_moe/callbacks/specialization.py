@@ -82,6 +82,9 @@ class SpecializationMonitor(RoutingMonitor):
             if self.token_key is not None:
                 self.add_metric(layer, "token", partial(TokenSpecialization, vocab_size, tap.num_experts))
 
+    def _label_keys(self) -> tuple[str, ...]:
+        return (self.label_key,)
+
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         labels_T = self.masked_labels(batch, self.label_key, event).reshape(-1)
         top1_T = event.top1_experts_T()
