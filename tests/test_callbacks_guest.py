@@ -95,3 +95,12 @@ def test_the_countable_batch_is_still_logged(mixed):
 def test_a_validation_set_with_nothing_to_count_logs_nothing(tmp_path):
     callbacks, _ = fit(["ok"], ["padded", "padded"], tmp_path)
     assert not any(k.startswith("val/") for cb in callbacks for k in cb.logged)
+
+
+def test_the_missing_vocab_size_error_names_token_key_and_vocab_size(tmp_path):
+    monitor = SpecializationMonitor(num_labels=2, plots=False)
+    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu")
+    with pytest.raises(ValueError, match=r"token_key='tokens'.*vocab_size=None.*token_key=None"):
+        trainer.fit(UserModule(), DataLoader([batch("ok")], batch_size=None))

@@ -73,8 +73,9 @@ class SpecializationMonitor(RoutingMonitor):
             vocab_size = getattr(pl_module, "hparams", {}).get("vocab_size")
             if vocab_size is None:
                 raise ValueError(
-                    f"SpecializationMonitor: vocab_size=None and {type(pl_module).__name__} has no "
-                    "hparams.vocab_size; pass vocab_size=<tokenizer vocabulary size>, or token_key=None to skip "
+                    f"SpecializationMonitor(token_key={self.token_key!r}) measures token-id specialisation, which "
+                    f"needs the vocabulary size: vocab_size=None and {type(pl_module).__name__} has no "
+                    "hparams.vocab_size. Pass vocab_size=<tokenizer vocabulary size>, or token_key=None to skip "
                     "token-id specialisation."
                 )
         for layer, tap in self.taps.items():
