@@ -75,3 +75,16 @@ def test_the_llama4_forward_is_unchanged_by_the_tap(llama4):
     with record_routing(llama4):
         tapped = llama4(x).logits
     assert torch.equal(reference, tapped)
+
+
+def test_every_unreadable_family_is_a_real_transformers_model_and_shown_in_the_readme():
+    import importlib
+    from pathlib import Path
+
+    from lightning_moe.adapters import UNREADABLE_FAMILIES
+
+    pytest.importorskip("transformers")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for family, reason in UNREADABLE_FAMILIES.items():
+        importlib.import_module(f"transformers.models.{family}")
+        assert f"| `{family}` | {reason} |" in readme
