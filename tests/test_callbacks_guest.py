@@ -104,3 +104,28 @@ def test_the_missing_vocab_size_error_names_token_key_and_vocab_size(tmp_path):
                          accelerator="cpu")
     with pytest.raises(ValueError, match=r"token_key='tokens'.*vocab_size=None.*token_key=None"):
         trainer.fit(UserModule(), DataLoader([batch("ok")], batch_size=None))
+
+
+def stateful_fit(tmp_path, extra_callbacks):
+    from lightning_moe import SigmoidTopK
+
+    module = UserModule()
+    module.moe = MoELayer(D, 16, 4, 2, router=SigmoidTopK())
+    trainer = pl.Trainer(max_steps=11, callbacks=[LoadBalanceMonitor(plots=False), *extra_callbacks],
+                         default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader([batch("ok")] * 11, batch_size=None))
+    return [str(w.message) for w in caught if "never applied" in str(w.message)]
+
+
+def test_a_stateful_router_whose_statistics_are_never_applied_is_warned_about(tmp_path):
+    (message,) = stateful_fit(tmp_path, [])
+    assert "['moe.router']" in message and "RouterStateUpdate" in message
+
+
+def test_no_stale_state_warning_when_router_states_are_updated(tmp_path):
+    from lightning_moe.callbacks import RouterStateUpdate
+
+    assert stateful_fit(tmp_path, [RouterStateUpdate()]) == []

@@ -28,6 +28,9 @@ from lightning_moe.callbacks.plots import matplotlib_available, plot_directory, 
 from lightning_moe.utils import check_positive_int
 
 Stage = Literal["train", "val"]
+# Optimizer steps after which a monitor checks that stateful routers' statistics are being applied: late enough
+# for any update schedule, early enough to save a run that forgot ``RouterStateUpdate``.
+STALE_STATE_CHECK_STEP = 10
 
 
 class RoutingMonitor(pl.Callback):
@@ -78,6 +81,7 @@ class RoutingMonitor(pl.Callback):
         # counts them instead of raising inside the host's fit.
         self.skipped_batches: dict[str, int] = {"train": 0, "val": 0}
         self._warned_skip = False
+        self.last_checked_state_step = -1
 
     # ----------------------------------------------------------------------------------------- subclass hooks
     def _build(self, pl_module: pl.LightningModule) -> None:
@@ -257,8 +261,27 @@ class RoutingMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._events.clear()
 
+    def _check_router_states(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when a stateful router's pending statistics were never applied (no ``update_router_states``)."""
+        from lightning_moe.gating import Router  # here: the callbacks import the adapters, not the routers, at load
+
+        stale = [
+            name for name, m in pl_module.named_modules()
+            if isinstance(m, Router) and any(bool(getattr(m, p).abs().sum() > 0) for p in m._pending)
+        ]
+        if stale:
+            rank_zero_warn(
+                f"{type(self).__name__}: after {trainer.global_step} optimizer steps the stateful routers {stale} "
+                "still hold statistics that were never applied, so their state (bias, centroids) never changes. "
+                "Add lightning_moe.callbacks.RouterStateUpdate() to the Trainer's callbacks, or call "
+                "lightning_moe.update_router_states(model) before each optimizer step."
+            )
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if step == STALE_STATE_CHECK_STEP and self.last_checked_state_step != step:
+            self.last_checked_state_step = step
+            self._check_router_states(trainer, pl_module)
         every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         # every == 0 (Trainer(log_every_n_steps=0)): no training logs; the window keeps accumulating.
         logging_now = every > 0 and step != self.last_logged_step and step % every == 0
