@@ -26,3 +26,9 @@ def test_no_pytorch_lightning_imports_in_the_package():
                for line in p.read_text().splitlines())
     ]
     assert offenders == []
+
+
+def test_adapters_are_reachable_after_a_plain_import():
+    import lightning_moe
+
+    assert callable(lightning_moe.adapters.record_routing)

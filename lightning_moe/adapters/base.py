@@ -9,6 +9,8 @@ forward. Write a subclass for a model family we do not know and pass it to the m
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -67,6 +69,29 @@ class Tap:
             )
         self._handles = self._register(sink, capture_inputs)
         return self
+
+    def _guarded(self, hook: Callable) -> Callable:
+        """``hook`` that never breaks the host model's forward: if it cannot read the block (an unknown call
+        convention, an unexpected output), the tap warns once, naming the block and its family, and removes
+        itself; the model's forward continues untouched."""
+
+        @functools.wraps(hook)
+        def guarded(*args, **kwargs):
+            if not self._handles:
+                return None  # already removed in this same forward
+            try:
+                return hook(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - a guest never raises inside the host's forward
+                self.remove()
+                warnings.warn(
+                    f"{type(self).__name__} cannot read MoE block {self.name!r} (family {type(self.module).__name__}): "
+                    f"{type(err).__name__}: {err}. The tap removed itself and this layer reports no routing; write "
+                    "a Tap subclass for this family and pass it in `adapters`.",
+                    stacklevel=2,
+                )
+                return None
+
+        return guarded
 
     def remove(self) -> None:
         """Remove the hooks; the model runs exactly as before."""

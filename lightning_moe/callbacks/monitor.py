@@ -28,6 +28,9 @@ from lightning_moe.callbacks.plots import matplotlib_available, plot_directory, 
 from lightning_moe.utils import check_positive_int
 
 Stage = Literal["train", "val"]
+# Optimizer steps after which a monitor checks that stateful routers' statistics are being applied: late enough
+# for any update schedule, early enough to save a run that forgot ``RouterStateUpdate``.
+STALE_STATE_CHECK_STEP = 10
 
 
 class RoutingMonitor(pl.Callback):
@@ -74,6 +77,11 @@ class RoutingMonitor(pl.Callback):
         self._warned_no_matplotlib = False
         self._device = torch.device("cpu")
         self._built_for: dict[str, int] | None = None  # layer -> num_experts the metrics were built for
+        # Batches with no countable token (fully padded, or every label ignored), per stage: a guest skips and
+        # counts them instead of raising inside the host's fit.
+        self.skipped_batches: dict[str, int] = {"train": 0, "val": 0}
+        self._warned_skip = False
+        self.last_checked_state_step = -1
 
     # ----------------------------------------------------------------------------------------- subclass hooks
     def _build(self, pl_module: pl.LightningModule) -> None:
@@ -153,6 +161,24 @@ class RoutingMonitor(pl.Callback):
         keep_T = event.kept_T(self.batch_mask_T(event, batch))
         return labels if keep_T is None else labels.masked_fill(~keep_T.view(labels.shape), -1)
 
+    def _label_keys(self) -> tuple[str, ...]:
+        """Batch keys of per-token labels whose negative values mean "ignored"; a batch with none left is skipped."""
+        return ()
+
+    def _skip_reason(self, event: RoutingEvent, batch: Any) -> str | None:
+        """Why this batch has no token to count, or None. One host sync per batch (not per layer): it runs after
+        the batch, outside the model's forward."""
+        keep_T = event.kept_T(self.batch_mask_T(event, batch))
+        if keep_T is not None and not bool(keep_T.any()):
+            return f"every token is masked out by batch[{self.mask_key!r}]"
+        for key in self._label_keys():
+            valid_T = self.batch_field(batch, key, event).reshape(-1) >= 0
+            if keep_T is not None:
+                valid_T = valid_T & keep_T
+            if not bool(valid_T.any()):
+                return f"every unmasked token has a negative (ignored) label in batch[{key!r}]"
+        return None
+
     def tap_of(self, event: RoutingEvent) -> Tap:
         return self.taps[event.layer]
 
@@ -190,10 +216,21 @@ class RoutingMonitor(pl.Callback):
 
     def _consume(self, stage: Stage, batch: Any, logging_now: bool) -> None:
         events, self._events = self._events, {}
+        events = {layer: e for layer, e in events.items() if layer in self.taps}
+        first = next(iter(events.values()), None)
+        reason = self._skip_reason(first, batch) if first is not None else None
+        if reason is not None:
+            self.skipped_batches[stage] += 1
+            if not self._warned_skip:
+                rank_zero_warn(
+                    f"{type(self).__name__} skipped a {stage} batch with no countable token ({reason}); it counts "
+                    f"such batches in `skipped_batches` and warns only once."
+                )
+                self._warned_skip = True
+            return
         for event in events.values():
-            if event.layer in self.taps:
-                self._to_device(event.experts_TK.device)
-                self._observe(stage, event, batch, logging_now)
+            self._to_device(event.experts_TK.device)
+            self._observe(stage, event, batch, logging_now)
 
     def _log(self, trainer: pl.Trainer, stage: Stage, pl_module: pl.LightningModule | None = None) -> None:
         values = self._compute(stage)  # collective under DDP: every rank computes
@@ -224,8 +261,27 @@ class RoutingMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._events.clear()
 
+    def _check_router_states(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when a stateful router's pending statistics were never applied (no ``update_router_states``)."""
+        from lightning_moe.gating import Router  # here: the callbacks import the adapters, not the routers, at load
+
+        stale = [
+            name for name, m in pl_module.named_modules()
+            if isinstance(m, Router) and any(bool(getattr(m, p).abs().sum() > 0) for p in m._pending)
+        ]
+        if stale:
+            rank_zero_warn(
+                f"{type(self).__name__}: after {trainer.global_step} optimizer steps the stateful routers {stale} "
+                "still hold statistics that were never applied, so their state (bias, centroids) never changes. "
+                "Add lightning_moe.callbacks.RouterStateUpdate() to the Trainer's callbacks, or call "
+                "lightning_moe.update_router_states(model) before each optimizer step."
+            )
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if step == STALE_STATE_CHECK_STEP and self.last_checked_state_step != step:
+            self.last_checked_state_step = step
+            self._check_router_states(trainer, pl_module)
         every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         # every == 0 (Trainer(log_every_n_steps=0)): no training logs; the window keeps accumulating.
         logging_now = every > 0 and step != self.last_logged_step and step % every == 0
@@ -278,6 +334,7 @@ class RoutingMonitor(pl.Callback):
             "metrics": {key: _map_states(m.state_dict(), lambda t: t.cpu()) for key, m in self.metrics.items()},
             "updated": sorted(self.updated),
             "last_logged_step": self.last_logged_step,
+            "skipped_batches": dict(self.skipped_batches),
             "extra": self._extra_state(),
         }
 
@@ -301,6 +358,7 @@ class RoutingMonitor(pl.Callback):
                 m.load_state_dict(_map_states(saved, lambda t, d=m.device: t.to(d)))
         self.updated = {key for key in state["updated"] if key in self.metrics}
         self.last_logged_step = state["last_logged_step"]
+        self.skipped_batches.update(state.get("skipped_batches", {}))  # absent in checkpoints of older versions
         self._load_extra_state(state["extra"])
 
 

@@ -73,14 +73,18 @@ class SpecializationMonitor(RoutingMonitor):
             vocab_size = getattr(pl_module, "hparams", {}).get("vocab_size")
             if vocab_size is None:
                 raise ValueError(
-                    f"SpecializationMonitor: vocab_size=None and {type(pl_module).__name__} has no "
-                    "hparams.vocab_size; pass vocab_size=<tokenizer vocabulary size>, or token_key=None to skip "
+                    f"SpecializationMonitor(token_key={self.token_key!r}) measures token-id specialisation, which "
+                    f"needs the vocabulary size: vocab_size=None and {type(pl_module).__name__} has no "
+                    "hparams.vocab_size. Pass vocab_size=<tokenizer vocabulary size>, or token_key=None to skip "
                     "token-id specialisation."
                 )
         for layer, tap in self.taps.items():
             self.add_metric(layer, "label", partial(LabelSpecialization, self.num_labels, tap.num_experts))
             if self.token_key is not None:
                 self.add_metric(layer, "token", partial(TokenSpecialization, vocab_size, tap.num_experts))
+
+    def _label_keys(self) -> tuple[str, ...]:
+        return (self.label_key,)
 
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         labels_T = self.masked_labels(batch, self.label_key, event).reshape(-1)

@@ -66,6 +66,9 @@ class TransitionMonitor(RoutingMonitor):
             self.add_metric(layer, "transition", partial(
                 TransitionRouting, self.num_labels, tap.num_experts, self.window, self.correct_experts))
 
+    def _label_keys(self) -> tuple[str, ...]:
+        return (self.label_key,)
+
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         labels = self.masked_labels(batch, self.label_key, event)
         if labels.dim() != 2:
