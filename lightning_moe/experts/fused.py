@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _act_forward(h1_nF: Tensor, hv_nF: Tensor | None) -> Tensor:
-    # tanh GELU (MegaBlocks' default) or SwiGLU, the same ops as the sorted path.
+def expert_activation(h1_nF: Tensor, hv_nF: Tensor | None) -> Tensor:
+    # tanh GELU (MegaBlocks' default) or SwiGLU; the one definition both native paths use.
     if hv_nF is None:
         return F.gelu(h1_nF, approximate="tanh")
     return F.silu(h1_nF) * hv_nF
@@ -62,7 +62,7 @@ class _FusedExperts(torch.autograd.Function):
             f = slice(e * d_ff, (e + 1) * d_ff)
             h1_nF = x_nD @ w1[f].T
             hv_nF = x_nD @ v1[f].T if v1 is not None else None
-            a_nF = _act_forward(h1_nF, hv_nF)
+            a_nF = expert_activation(h1_nF, hv_nF)
             y_nD = _weighted(a_nF @ w2[f], w_N[rows])
             y_TD.index_add_(0, idx_n, y_nD.float())
             hidden.append((h1_nF, hv_nF, a_nF))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.experts.fused import fused_experts
+from lightning_moe.experts.fused import expert_activation, fused_experts
 from lightning_moe.gating.base import Routing
 from lightning_moe.utils import check_choice, check_positive_int
 
@@ -165,9 +165,6 @@ class Experts(nn.Module):
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         return y_ND[inverse_N].view(T, K, -1).sum(dim=1)
 
-    def _act(self, h1: Tensor, v: Tensor | None) -> Tensor:
-        return F.silu(h1) * v if v is not None else gelu(h1)
-
     def _grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         dtype = x_ND.dtype
@@ -177,7 +174,7 @@ class Experts(nn.Module):
             return _contiguous_grad(F.grouped_mm(a, w_EFD.transpose(-2, -1) if transpose else w_EFD, offs=offs_E))
 
         v = mm(x_ND, "v1", True) if self.mlp.v1 is not None else None
-        h_NF = self._act(mm(x_ND, "w1", True), v)
+        h_NF = expert_activation(mm(x_ND, "w1", True), v)
         return mm(h_NF, "w2", False)
 
     def _loop(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
@@ -190,7 +187,7 @@ class Experts(nn.Module):
         for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist())):
             if x_nD.shape[0] == 0:
                 continue
-            h = self._act(x_nD @ w1[e].T, x_nD @ v1[e].T if v1 is not None else None)
+            h = expert_activation(x_nD @ w1[e].T, x_nD @ v1[e].T if v1 is not None else None)
             outs.append(h @ w2[e])
         return torch.cat(outs) if outs else x_ND.new_zeros(x_ND.shape)
 
