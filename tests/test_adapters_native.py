@@ -97,3 +97,27 @@ def test_centroid_routers_report_their_centroids_not_their_accumulators():
 
     layer = MoELayer(8, 16, 4, 2, router=KMeansRouter())
     assert MoELayerTap("ffn", layer).router_weight_ED() is layer.router.centroids_ED
+
+
+def test_a_router_called_by_the_model_is_tapped_once_and_an_moe_layers_router_is_not():
+    from lightning_moe.adapters import RouterTap
+    from lightning_moe.gating import TransitionRouter
+
+    class RouterOnly(nn.Module):  # a router-only model, like the transition study's toy
+        def __init__(self):
+            super().__init__()
+            self.router = TransitionRouter()
+            self.router.bind(16, 4, 4)
+            self.moe = MoELayer(16, 32, 4, top_k=2)
+
+        def forward(self, x):
+            return self.router(x), self.moe(x)
+
+    model = RouterOnly()
+    taps = find_taps(model)
+    assert [(type(t).__name__, t.name) for t in taps] == [("RouterTap", "router"), ("MoELayerTap", "moe")]
+    with record_routing(model) as events:
+        routing, _ = model(torch.randn(2, 3, 16))
+    event = events[0]
+    assert event.layer == "router" and event.experts_TK is routing.experts_TK and event.scores_TE is routing.scores_TE
+    assert taps[0].num_experts == 4 and isinstance(taps[0], RouterTap)

@@ -38,6 +38,8 @@ def test_native_matches_per_token_reference(E, K, empty, activation, dtype):
         assert_close_to_scale(got, want, tol)
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                    reason="torch.nn.functional.grouped_mm needs torch >= 2.9; older torch always takes the loop")
 def test_grouped_path_is_taken_for_aligned_sizes():
     assert _grouped_mm_ok(torch.zeros(4, 8), 16)
     assert _grouped_mm_ok(torch.zeros(4, 8, dtype=torch.bfloat16), 16)

@@ -264,3 +264,24 @@ def test_every_configuration_returns_one_routing_type(flags):
     routing = router(torch.randn(2, 5, 4))
     assert type(routing) is MemoryRouting
     assert (routing.memory_BD is not None) == flags.get("carry_state", False)
+
+
+def test_queued_expert_errors_average_over_ranks_step_by_step():
+    # Two ranks queue three steps each; summing their pending buffers (what update_state's all-reduce does) and
+    # applying gives three sequential EMA steps on the per-step mean error of the two ranks.
+    routers = []
+    errors = torch.rand(2, 3, 4)
+    for rank in range(2):
+        router = TransitionRouter(precision=True, precision_init_var=0.5)
+        router.bind(16, 4, 4)
+        for t in range(3):
+            router.observe_expert_errors(errors[rank, t])
+        routers.append(router)
+    merged = routers[0]
+    for name in ("pending_ema_E", "pending_steps", "pending_sources"):
+        getattr(merged, name).add_(getattr(routers[1], name))
+    merged.apply_pending()
+    var = torch.full((4,), 0.5)
+    for t in range(3):
+        var = 0.95 * var + 0.05 * errors[:, t].mean(0)
+    torch.testing.assert_close(merged.precision_var_E, var)

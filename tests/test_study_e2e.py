@@ -163,3 +163,25 @@ def test_resume_redoes_only_the_unrecorded_run_and_reports_failures(finished, tm
     assert "`model.init_args.top_k=9`" in problems and "| typo__seed1 | invalid |" in problems
     assert "Not run yet: crash__seed0, typo__seed0." in problems
     assert "| top1 | 2 |" in report  # the redone seed joined the finished one
+
+
+def test_study_metrics_keep_the_monitors_training_windows(tmp_path):
+    # Training windows of the routing monitors go to the loggers only (not callback_metrics): a study run
+    # without a logger still records their last values; callback_metrics win where both have a key.
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_moe.callbacks import LoadBalanceMonitor
+    from lightning_moe.studies.capture import StudyMetrics
+
+    monitor = LoadBalanceMonitor()
+    monitor.logged = {"train/load/l0/cv": 0.5, "val/load/l0/cv": 0.1}
+    trainer = SimpleNamespace(interrupted=False, callbacks=[monitor], global_step=7, is_global_zero=True,
+                              callback_metrics={"val/load/l0/cv": torch.tensor(0.25), "val/loss": torch.tensor(2.0)})
+    capture = StudyMetrics(str(tmp_path / "result.json"))
+    capture.on_fit_end(trainer, None)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["metrics"] == {"train/load/l0/cv": 0.5, "val/load/l0/cv": 0.25, "val/loss": 2.0}
+    assert saved["global_step"] == 7

@@ -163,3 +163,15 @@ def test_bad_grid_names_the_problem(tmp_path, grid, match):
 def test_grid_and_inline_paper_numbers_do_not_mix(tmp_path):
     with pytest.raises(StudyError, match=r"condition 'top1' gives paper numbers, but with a grid"):
         load_study(write_study(tmp_path, STUDY.replace("claims:", "grid: {trainer.max_steps: [3]}\nclaims:")))
+
+
+def test_paper_tables_reach_the_sections_and_a_missing_one_names_the_file(tmp_path):
+    from lightning_moe.studies.report import ReportContext
+
+    study = load_study(write_study(tmp_path, STUDY + "paper_tables: {cosine: {L0: 0.32}}\n"))
+    ctx = ReportContext(study, None, StudyPaths.of(study, tmp_path / "out"), tmp_path, smoke=False)
+    assert ctx.paper_table("cosine") == {"L0": 0.32}
+    with pytest.raises(StudyError, match=r"study.yaml has no paper_tables.perplexity.*\['cosine'\]"):
+        ctx.paper_table("perplexity")
+    with pytest.raises(StudyError, match="paper_tables"):
+        load_study(write_study(tmp_path, STUDY + "paper_tables: [0.32]\n"))

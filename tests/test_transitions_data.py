@@ -16,21 +16,20 @@ def test_routing_labels_follow_the_next_steps_domain():
     g = torch.Generator().manual_seed(0)
     b = routing_batch(g, 64, 12, 6, 6, noise=0.0)
     # Noise-free inputs are the domain signal itself: +1 on dims [8d, 8d + 8).
-    assert torch.equal(b["x_BSD"][..., 8:].mean(-1), b["domain_BS"].float())
-    assert torch.equal(b["x_BSD"][..., :8].mean(-1), 1.0 - b["domain_BS"].float())
-    assert torch.equal(b["domain_BS"][:, 6], 1 - b["domain_BS"][:, 5])
-    assert torch.equal(b["target_BS"][:, :11], 2 * b["domain_BS"][:, 1:])
-    assert b["transition_BS"].sum(1).eq(1).all() and b["transition_BS"][:, 5].all()
+    assert torch.equal(b["inputs_embeds"][..., 8:].mean(-1), b["domain_ids"].float())
+    assert torch.equal(b["inputs_embeds"][..., :8].mean(-1), 1.0 - b["domain_ids"].float())
+    assert torch.equal(b["domain_ids"][:, 6], 1 - b["domain_ids"][:, 5])
+    assert torch.equal(b["labels"][:, :11], 2 * b["domain_ids"][:, 1:])
+    assert b["transition_mask"].sum(1).eq(1).all() and b["transition_mask"][:, 5].all()
     # At the transition step the input is the old domain but the target the new expert.
-    assert torch.equal(b["target_BS"][:, 5], 2 * (1 - b["domain_BS"][:, 5]))
+    assert torch.equal(b["labels"][:, 5], 2 * (1 - b["domain_ids"][:, 5]))
 
 
 def test_random_switch_covers_the_range_and_marks_each_sequences_own_transition():
     b = routing_batch(torch.Generator().manual_seed(1), 4000, 12, 3, 9)
-    assert set(b["switch_B"].tolist()) == set(range(3, 10))
-    assert torch.equal(b["transition_BS"].float().argmax(1), b["switch_B"] - 1)
-    changed_BS = b["domain_BS"][:, 1:] != b["domain_BS"][:, :-1]
-    assert torch.equal(changed_BS.float().argmax(1) + 1, b["switch_B"])
+    switch_B = (b["domain_ids"][:, 1:] != b["domain_ids"][:, :-1]).float().argmax(1) + 1
+    assert set(switch_B.tolist()) == set(range(3, 10))
+    assert torch.equal(b["transition_mask"].float().argmax(1), switch_B - 1)
 
 
 def test_markov_chain_has_the_reference_transition_probabilities():
@@ -55,21 +54,21 @@ def test_markov_chain_equals_the_step_by_step_chain_on_the_same_draws():
 
 def test_chars_are_a_then_b_with_shifted_targets():
     b = chars_batch(torch.Generator().manual_seed(3), 32, 64, 32, 32)
-    assert b["tokens_BS"].shape == (32, 63)
-    assert (b["tokens_BS"][:, :32] < 13).all() and (b["tokens_BS"][:, 32:] >= 13).all()
-    assert torch.equal(b["tokens_BS"][:, 1:], b["target_BS"][:, :-1])
-    assert b["transition_BS"][:, 31].all() and b["transition_BS"].sum().item() == 32
-    assert torch.equal(b["domain_BS"], (b["target_BS"] >= 13).long())
+    assert b["tokens"].shape == (32, 63)
+    assert (b["tokens"][:, :32] < 13).all() and (b["tokens"][:, 32:] >= 13).all()
+    assert torch.equal(b["tokens"][:, 1:], b["labels"][:, :-1])
+    assert b["transition_mask"][:, 31].all() and b["transition_mask"].sum().item() == 32
+    assert torch.equal(b["domain_ids"], (b["tokens"] >= 13).long())  # of the input chars
 
 
 def test_streams_are_deterministic_fresh_per_step_and_validation_is_separate():
     dm = TransitionTaskDataModule(batch_size=8, val_batch_size=8, val_batches=2, seed=5)
     first, second = list(zip(range(2), dm.train_dataloader()))
     again = next(iter(TransitionTaskDataModule(batch_size=8, seed=5).train_dataloader()))
-    assert torch.equal(first[1]["x_BSD"], again["x_BSD"])
-    assert not torch.equal(first[1]["x_BSD"], second[1]["x_BSD"])
+    assert torch.equal(first[1]["inputs_embeds"], again["inputs_embeds"])
+    assert not torch.equal(first[1]["inputs_embeds"], second[1]["inputs_embeds"])
     val = list(dm.val_dataloader())
-    assert len(val) == 2 and not torch.equal(val[0]["x_BSD"], first[1]["x_BSD"])
+    assert len(val) == 2 and not torch.equal(val[0]["inputs_embeds"], first[1]["inputs_embeds"])
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -83,7 +82,7 @@ def test_bad_settings_are_named(kwargs, field):
 
 def test_early_signal_carries_the_domain_only_in_the_first_steps():
     b = early_signal_batch(torch.Generator().manual_seed(6), 16, 8, 3, noise=0.0)
-    domain = b["domain_BS"][:, 0]
-    assert torch.equal(b["x_BSD"][:, :3, 8:].mean(-1), domain[:, None].float().expand(16, 3))
-    assert b["x_BSD"][:, 3:].abs().sum() == 0
-    assert torch.equal(b["target_BS"][:, -1], 2 * domain)
+    domain = b["domain_ids"][:, 0]
+    assert torch.equal(b["inputs_embeds"][:, :3, 8:].mean(-1), domain[:, None].float().expand(16, 3))
+    assert b["inputs_embeds"][:, 3:].abs().sum() == 0
+    assert torch.equal(b["labels"][:, -1], 2 * domain)

@@ -1,7 +1,7 @@
 """Adapters: forward-hook taps that turn any model's MoE routing into :class:`RoutingEvent` s.
 
 ``find_taps`` / ``attach_taps`` pick the right adapter per module type: our :class:`MoELayer`, Hugging Face
-transformers sparse MoE blocks (Mixtral, OLMoE, Qwen2-MoE, ...) and MegaBlocks ``MoE``/``dMoE``. Subclass
+transformers sparse MoE blocks (Mixtral, OLMoE, Qwen2-MoE, ...) and MegaBlocks ``MoE``/``dMoE``, and routers a model calls itself. Subclass
 :class:`Tap` for anything else.
 """
 
@@ -10,7 +10,7 @@ from lightning_moe.adapters.discovery import DEFAULT_ADAPTERS, attach_taps, find
 from lightning_moe.adapters.events import RoutingEvent
 from lightning_moe.adapters.huggingface import UNREADABLE_FAMILIES, HuggingFaceMoeTap
 from lightning_moe.adapters.megablocks import MegaBlocksTap
-from lightning_moe.adapters.native import MoELayerTap
+from lightning_moe.adapters.native import MoELayerTap, RouterTap
 
 __all__ = [
     "DEFAULT_ADAPTERS",
@@ -18,6 +18,7 @@ __all__ = [
     "MegaBlocksTap",
     "MoELayerTap",
     "Projection",
+    "RouterTap",
     "RoutingEvent",
     "Tap",
     "UNREADABLE_FAMILIES",

@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from lightning_moe.adapters import RoutingEvent
-from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
+from lightning_moe.callbacks.monitor import RoutingMonitor, check_artifact_name, Stage
 from lightning_moe.callbacks.plots import new_figure
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, expert_responses_N
 from lightning_moe.metrics.geometry import router_geometry
 from lightning_moe.metrics.load import ExpertLoad
-from lightning_moe.utils import check_positive_int, write_json_atomic
+from lightning_moe.utils import check_positive_int
 
 COUPLING_HEADLINE = "weight_vs_gate_norm"  # the authors' script: dispatch weight vs pre-activation gate norm
 _POOLED = "all"  # the metric key of the pooled (all layers) pairs
@@ -81,10 +81,7 @@ class CouplingMonitor(RoutingMonitor):
     def __init__(self, min_group_pairs: int = 128, artifact: str = "coupling.json", **monitor_kwargs: Any) -> None:
         super().__init__(**monitor_kwargs)
         check_positive_int("min_group_pairs", min_group_pairs)
-        if not artifact or Path(artifact).name != artifact:
-            raise ValueError(
-                f"artifact must be a plain file name (it is written inside default_root_dir), got {artifact!r}."
-            )
+        check_artifact_name(artifact)
         self.min_group_pairs, self.artifact = min_group_pairs, artifact
         self.history: list[dict[str, Any]] = []
         self.latest: dict[str, Any] = {}
@@ -174,10 +171,7 @@ class CouplingMonitor(RoutingMonitor):
             if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1
         }
         self.history.append({"step": trainer.global_step, "metrics": metrics})
-        if trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / self.artifact
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"layers": list(self.taps), "history": self.history, **self.latest})
+        self.write_artifact(trainer, self.artifact, {"layers": list(self.taps), "history": self.history, **self.latest})
 
     def _plot(self, directory: Path) -> None:
         coupling = self.latest.get("coupling")

@@ -25,12 +25,19 @@ from torchmetrics import Metric
 
 from lightning_moe.adapters import RoutingEvent, Tap, find_taps
 from lightning_moe.callbacks.plots import matplotlib_available, plot_directory, save
-from lightning_moe.utils import check_positive_int
+from lightning_moe.utils import check_positive_int, write_json_atomic
 
 Stage = Literal["train", "val"]
 # Optimizer steps after which a monitor checks that stateful routers' statistics are being applied: late enough
 # for any update schedule, early enough to save a run that forgot ``RouterStateUpdate``.
 STALE_STATE_CHECK_STEP = 10
+
+
+def check_artifact_name(artifact: str) -> None:
+    if not isinstance(artifact, str) or not artifact or Path(artifact).name != artifact:
+        raise ValueError(
+            f"artifact must be a plain file name (it is written inside default_root_dir), got {artifact!r}."
+        )
 
 
 class RoutingMonitor(pl.Callback):
@@ -324,6 +331,15 @@ class RoutingMonitor(pl.Callback):
                 self._warned_no_matplotlib = True
             return
         self._plot(directory)
+
+    @staticmethod
+    def write_artifact(trainer: pl.Trainer, name: str, data: dict[str, Any]) -> None:
+        """Write ``data`` as JSON to ``<default_root_dir>/<name>`` on rank zero: a monitor's per-run results
+        (curves, matrices) for offline analysis and study reports."""
+        if trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, data)
 
     def save_figure(self, fig, directory: Path, stem: str) -> Path:
         return save(fig, directory / f"{self.name}_{stem}.png")

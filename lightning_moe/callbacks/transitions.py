@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.adapters import RoutingEvent
-from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
+from lightning_moe.callbacks.monitor import RoutingMonitor, Stage, check_artifact_name
 from lightning_moe.callbacks.plots import heatmap, new_figure
 from lightning_moe.metrics.transitions import TransitionRouting, check_transition_args
 
@@ -31,7 +31,9 @@ class TransitionMonitor(RoutingMonitor):
     With labels aligned to input tokens, offset −1 is the reference's transition step.
 
     Plot ``transition_<stage>.png``: per layer, the mean routing distribution aligned on the switches (experts x
-    offsets) beside the correct-expert probability and accuracy per offset.
+    offsets) beside the correct-expert probability and accuracy per offset. With ``artifact``, every computed
+    window's curves (everything :class:`~lightning_moe.metrics.TransitionRouting` returns, per stage and layer) are
+    also written as JSON to ``<default_root_dir>/<artifact>`` after each validation and at the end of fit.
 
     Args:
         num_labels: number of domain labels C; labels in [0, C), negative = ignored.
@@ -39,6 +41,10 @@ class TransitionMonitor(RoutingMonitor):
         window: W; offsets −W..+W are logged.
         correct_experts: the correct expert of each label when it is known by construction (toy tasks);
             default: identified from the data in each window.
+        artifact: file name of the JSON curves (e.g. ``transition_curve.json``); default none written.
+        spans: named offset ranges ``{name: [first, last]}`` (inside −W..+W) whose ``p_correct`` and
+            ``acc_correct`` are also logged pooled over their tokens, as ``<stat>@<name>`` (e.g.
+            ``{mid: [2, 19]}`` for the middle of the incoming domain).
         monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
     """
 
@@ -50,10 +56,22 @@ class TransitionMonitor(RoutingMonitor):
         label_key: str = "domain_ids",
         window: int = 4,
         correct_experts: Sequence[int] | None = None,
+        artifact: str | None = None,
+        spans: dict[str, tuple[int, int]] | None = None,
         **monitor_kwargs: Any,
     ) -> None:
         super().__init__(**monitor_kwargs)
         check_transition_args(num_labels, window, correct_experts)
+        if artifact is not None:
+            check_artifact_name(artifact)
+        self.artifact = artifact
+        self.spans = {name: (int(lo), int(hi)) for name, (lo, hi) in (spans or {}).items()}
+        for name, (lo, hi) in self.spans.items():
+            if not -window <= lo <= hi <= window:
+                raise ValueError(
+                    f"spans[{name!r}]=[{lo}, {hi}] must satisfy -window <= first <= last <= window (window={window}); "
+                    "raise window or narrow the span."
+                )
         self.num_labels, self.label_key, self.window = num_labels, label_key, window
         self.correct_experts = list(correct_experts) if correct_experts is not None else None
         self.latest: dict[Stage, dict[str, dict[str, Tensor]]] = {}
@@ -87,7 +105,28 @@ class TransitionMonitor(RoutingMonitor):
             for stat in OFFSET_STATS:
                 for o, value in zip(result["offsets"].tolist(), result[stat]):
                     out[f"transition/{layer}/{stat}@{o:+d}"] = value
+            for name, (lo, hi) in self.spans.items():
+                inside_O = slice(lo + self.window, hi + self.window + 1)
+                n_O = result["count"][inside_O]
+                for stat in ("p_correct", "acc_correct"):
+                    # Pooled over the span's tokens (offsets that no switch reached have no token, and NaN).
+                    pooled = (result[stat][inside_O].nan_to_num() * n_O).sum() / n_O.sum()
+                    out[f"transition/{layer}/{stat}@{name}"] = pooled
         return out
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        if self.artifact is None or trainer.sanity_checking:
+            return
+        curves = {stage: {layer: {k: _json_curve(v) for k, v in r.items()} for layer, r in layers.items()}
+                  for stage, layers in self.latest.items()}
+        self.write_artifact(trainer, self.artifact, {"step": trainer.global_step, **curves})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self._write(trainer)
 
     def _plot(self, directory: Path) -> None:
         for stage, layers in self.latest.items():
@@ -118,3 +157,12 @@ class TransitionMonitor(RoutingMonitor):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.latest = {s: {k: dict(v) for k, v in d.items()} for s, d in state["latest"].items()}
+
+
+def _json_curve(t: Tensor) -> list:
+    """A tensor as nested lists, NaN (an offset no switch reached) as null: strict JSON."""
+    values = t.tolist()
+    if not t.is_floating_point():
+        return values
+    fix = lambda v: [fix(x) for x in v] if isinstance(v, list) else (None if v != v else v)  # noqa: E731
+    return fix(values)

@@ -188,6 +188,11 @@ class TransitionRouter(SoftmaxTopK):
             self.register_buffer("precision_var_E", torch.full((E,), float(self.precision_init_var)))
             self.register_pending("pending_error_E", torch.zeros(E))
             self.register_pending("pending_weight_E", torch.zeros(E))
+            # observe_expert_errors: n EMA steps folded into one, var <- a^n var + P with
+            # P = sum_t a^(n-t) (1-a) err_t; "sources" counts the ranks that fed errors, to average P over them.
+            self.register_pending("pending_ema_E", torch.zeros(E))
+            self.register_pending("pending_steps", torch.zeros(()))
+            self.register_pending("pending_sources", torch.zeros(()))
 
     # ---- beta memory ---------------------------------------------------------------------------------------
 
@@ -253,14 +258,35 @@ class TransitionRouter(SoftmaxTopK):
         self.pending_weight_E += weights_TE.sum(dim=0)
         self._errors_fed = True
 
+    def observe_expert_errors(self, error_E: Tensor) -> None:
+        """Queue one EMA step of Pi on a per-expert error the module defines itself (the regression task's
+        per-expert MSE, the toy ablation's :func:`label_frequency_error` once per time step); applied, in call
+        order, by :meth:`update_state` at the optimizer step. Under DDP every rank must queue the same number of
+        steps; their errors are averaged step by step."""
+        if not self.precision:
+            return
+        a = self.precision_decay
+        self.pending_ema_E.mul_(a).add_(error_E.detach().float().to(self.pending_ema_E), alpha=1 - a)
+        if not self._errors_fed:
+            self.pending_sources += 1
+        self.pending_steps += 1
+        self._errors_fed = True
+
     def apply_pending(self) -> None:
         if self._observed and not self._errors_fed and not self._warned_no_errors:
             warnings.warn(
-                "TransitionRouter(precision=True) got no per-token errors this step, so Pi stays fixed; call "
-                "lightning_moe.layers.feed_back_errors(model, per_token_loss_BS) in training_step.",
+                "TransitionRouter(precision=True) got no errors this step, so Pi stays fixed; call "
+                "lightning_moe.layers.feed_back_errors(model, per_token_loss_BS) (or the router's "
+                "observe_expert_errors) in training_step.",
                 stacklevel=2,
             )
             self._warned_no_errors = True
+        if self.pending_sources > 0:
+            # All-reduced sums over the R ranks: P and the step count are R times one rank's.
+            sources = self.pending_sources
+            steps = (self.pending_steps / sources).round()
+            var_E = self.precision_var_E
+            var_E.copy_(self.precision_decay**steps * var_E + self.pending_ema_E.to(var_E) / sources)
         has_E = self.pending_weight_E > 0
         error_E = self.pending_error_E / self.pending_weight_E.clamp(min=torch.finfo(torch.float32).tiny)
         self.update_precision(error_E, has_E)
@@ -268,10 +294,9 @@ class TransitionRouter(SoftmaxTopK):
 
     @torch.no_grad()
     def update_precision(self, error_E: Tensor, has_E: Tensor | None = None) -> None:
-        """One EMA step ``var <- a * var + (1 - a) * error`` (only where ``has_E``, default everywhere).
-
-        For modules that define the per-expert error themselves, e.g. the toy ablation's label-frequency error
-        (:func:`label_frequency_error`) applied once per time step, after the optimizer step."""
+        """One EMA step ``var <- a * var + (1 - a) * error`` now (only where ``has_E``, default everywhere).
+        Training code queues steps with :meth:`observe_expert_errors` instead, so they apply at the optimizer
+        step and are averaged over DDP ranks."""
         a, var_E = self.precision_decay, self.precision_var_E
         new_E = a * var_E + (1 - a) * error_E.to(var_E)
         var_E.copy_(new_E if has_E is None else torch.where(has_E, new_E, var_E))

@@ -78,8 +78,9 @@ class TransitionRouting(Metric):
     * ``k99``: :func:`experts_for_coverage` of ``p_correct`` (the paper's K);
     * ``coverage99``: mean over tokens of :func:`mass_coverage_T` (the experts a token really needs for 99%);
 
-    plus ``mass_OE`` (mean routing distribution per offset, for plots), ``correct_C`` (−1 for unseen domains) and
-    ``offsets``. All states are sums, so DDP reduction is exact.
+    plus ``count`` (tokens behind ``p_correct`` per offset, to pool offsets), ``mass_OE`` (mean routing
+    distribution per offset, for plots), ``label_mass_CE`` (mean routing distribution of each label's tokens),
+    ``correct_C`` (−1 for unseen domains) and ``offsets``. All states are sums, so DDP reduction is exact.
 
     Args:
         num_labels: number of domain labels C (labels in [0, C); negative = ignored).
@@ -180,7 +181,9 @@ class TransitionRouting(Metric):
             "acc_correct": on_correct(top1_OCE) / n_O,
             "k99": experts_for_coverage(p_O),
             "coverage99": coverage_OC.sum(1) / all_n_O,
+            "count": n_O,
             "mass_OE": mass_OCE.sum(1) / all_n_O[:, None],
+            "label_mass_CE": self.label_CX[:, :E] / self.label_CX[:, E:],  # NaN rows for unseen labels
             "correct_C": correct_C,
             "offsets": torch.arange(-self.window, self.window + 1),
         }

@@ -84,6 +84,15 @@ class ReportContext:
     report_dir: Path
     smoke: bool
 
+    def paper_table(self, name: str) -> Any:
+        """The study file's ``paper_tables[name]``; a :class:`StudyError` naming the file when it is missing."""
+        if name not in self.study.paper_tables:
+            raise StudyError(
+                f"{self.study.path.name} has no paper_tables.{name}, which its sections ({self.study.sections}) "
+                f"read; add it (paper_tables: {sorted(self.study.paper_tables)})."
+            )
+        return self.study.paper_tables[name]
+
     def run_dir(self, run_id: str) -> Path:
         """The run's ``trainer.default_root_dir``."""
         return self.paths.run_dir(run_id)

@@ -28,6 +28,8 @@ to collect, the paper's numbers and the claims to check, all as data. The commen
       overrides: {trainer.max_steps: 5, trainer.limit_val_batches: 2}
     sections: lightning_moe.studies.mine.section:render   # optional: study-specific report sections, see
                                                            # :class:`lightning_moe.studies.report.ReportContext`
+    paper_tables:               # optional: the paper's numbers that are no metric of ours (per-layer values,
+      cosine: {L0: 0.32}        # trajectories), as plain data for the sections: ``ReportContext.paper_table``
 
 Overrides are applied in this order, later ones winning: ``overrides``, the condition's, the grid point's, the
 seed keys, the smoke overrides; the runner then sets the run's output folder, ``torch_threads`` and its
@@ -53,7 +55,7 @@ STUDY_FILE = "study.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 _STUDY_KEYS = {
     "name", "title", "description", "reference", "base", "overrides", "seeds", "seed_keys", "metrics",
-    "conditions", "grid", "paper", "claims", "smoke", "sections",
+    "conditions", "grid", "paper", "claims", "smoke", "sections", "paper_tables",
 }
 _CONDITION_KEYS = {"name", "overrides", "configs", "paper", "description"}
 _SMOKE_KEYS = {"seeds", "overrides"}
@@ -101,6 +103,7 @@ class Study:
     smoke_seeds: tuple[int, ...] | None
     smoke_overrides: dict[str, Any]
     sections: str = ""
+    paper_tables: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -375,6 +378,7 @@ def load_study(path: str | Path) -> Study:
         smoke_seeds=_int_list(smoke["seeds"], "smoke.seeds") if "seeds" in smoke else None,
         smoke_overrides=_overrides(smoke.get("overrides"), "smoke.overrides"),
         sections=_sections(raw.get("sections")),
+        paper_tables=dict(_mapping(raw.get("paper_tables"), "paper_tables", "{cosine: {L0: 0.32}}")),
     )
 
 

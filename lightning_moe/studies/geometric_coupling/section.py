@@ -17,10 +17,6 @@ from lightning_moe.studies.report import ReportContext, figure, markdown_table, 
 
 ARTIFACT = "coupling.json"
 _DASH = "—"
-# The paper's per-layer numbers (digest of arXiv 2605.12476 and the authors' scripts; its model has 9 layers).
-PAPER_COSINE = {"loss_free": {0: 0.32, 4: 0.18, 8: 0.13}, "aux_loss": {0: 0.63, 4: 0.63, 8: 0.57}}
-PAPER_PPL = {"loss_free": (15.01, 11.76), "kmeans": (15.40, 12.09)}  # (train, C4-en) at step 21k
-PAPER_RHO, PAPER_P = 0.43, "1.2e-81"
 
 
 def _text(values: Sequence[float]) -> str:
@@ -121,14 +117,16 @@ def _perplexity(ctx: ReportContext) -> list[str]:
            "(exp of their difference). The paper's perplexities are per token of a 50k vocabulary (train and "
            "C4-en, step 21k): only the relative differences compare.", ""]
     base = mean_std(_final(ctx, "loss_free", "val/loss"))[0]
+    ppl = ctx.paper_table("perplexity")
     rows = []
     for c in ctx.results.conditions():
         losses = _final(ctx, c, "val/loss")
         mean = mean_std(losses)[0]
         delta = f"{math.expm1(mean - base):+.2%}" if mean is not None and base is not None else _DASH
-        train, c4 = PAPER_PPL.get(c, (None, None))
-        paper = (f"{train} / {c4} ({train / PAPER_PPL['loss_free'][0] - 1:+.1%} / {c4 / PAPER_PPL['loss_free'][1] - 1:+.1%})"
-                 if train else _DASH)
+        paper = _DASH
+        if c in ppl:
+            train, c4, ref = ppl[c]["train"], ppl[c]["c4"], ppl["loss_free"]
+            paper = f"{train} / {c4} ({train / ref['train'] - 1:+.1%} / {c4 / ref['c4'] - 1:+.1%})"
         rows.append([c, _text([math.exp(v) for v in losses]), delta, paper])
     return out + markdown_table(["condition", "PPL (ours)", "vs loss_free", "paper train / C4 PPL (vs loss_free)"], rows) + [""]
 
@@ -137,16 +135,17 @@ def _geometry(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
     out = ["## Router-row geometry per layer", "",
            "Signed mean off-diagonal cosine of the router rows (K-Means: of its centroids), final, mean ± std over "
            "seeds. The paper gives layers 0 / 4 / 8 of 9; ours has 4 layers, so only the direction compares.", ""]
+    cosine = ctx.paper_table("cosine")
     out += _per_layer_table(
         ctx, layers, lambda l: f"val/geometry/{l}/mean_cosine", "val/geometry/mean_cosine",
-        lambda c: " / ".join(f"L{k}: {v}" for k, v in PAPER_COSINE[c].items()) if c in PAPER_COSINE else _DASH,
+        lambda c: " / ".join(f"{k}: {v}" for k, v in cosine[c].items()) if c in cosine else _DASH,
     )
     ratios = []
     for i, layer in enumerate(layers):
         aux = mean_std(_final(ctx, "aux_loss", f"val/geometry/{layer}/mean_cosine"))[0]
         free = mean_std(_final(ctx, "loss_free", f"val/geometry/{layer}/mean_cosine"))[0]
         ratios.append(f"L{i} {aux / free:.2f}" if aux is not None and free else f"L{i} {_DASH}")
-    paper_ratios = ", ".join(f"L{k} {PAPER_COSINE['aux_loss'][k] / v:.1f}" for k, v in PAPER_COSINE["loss_free"].items())
+    paper_ratios = ", ".join(f"{k} {cosine['aux_loss'][k] / v:.1f}" for k, v in cosine["loss_free"].items())
     out += ["", f"Aux-Loss / Loss-Free cosine ratio per layer: {', '.join(ratios)} (paper: {paper_ratios}).", ""]
     out += ["**Nearest-neighbour cosine / effective rank of the rows (mean over layers)**", ""]
     rows = []
@@ -156,13 +155,13 @@ def _geometry(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
         rows.append([c, _text(nn), _text(rank)])
     out += markdown_table(["condition", "nearest-neighbour cosine", "effective rank (of 16)"], rows) + [""]
     if plots:
-        link = _cosine_bars(ctx, layers)
+        link = _cosine_bars(ctx, layers, cosine)
         if link:
             out += [link, ""]
     return out
 
 
-def _cosine_bars(ctx: ReportContext, layers: list[str]) -> str | None:
+def _cosine_bars(ctx: ReportContext, layers: list[str], paper: dict[str, dict[str, float]]) -> str | None:
     """Grouped bars: mean router-row cosine per layer, one bar per condition, seeds as dots."""
     fig, (ax,) = _figure(1, width=7.0)
     conditions = ctx.results.conditions()
@@ -178,17 +177,19 @@ def _cosine_bars(ctx: ReportContext, layers: list[str]) -> str | None:
     ax.set_ylabel("mean pairwise router-row cosine")
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.legend(fontsize=7)
-    ax.set_title("router-row similarity per layer (paper: aux-loss 0.57-0.63, loss-free 0.13-0.32)", fontsize=9)
+    ranges = ", ".join(f"{c} {min(v.values())}-{max(v.values())}" for c, v in paper.items())
+    ax.set_title(f"router-row similarity per layer (paper: {ranges})", fontsize=9)
     path = ctx.plot("router_cosine_per_layer.png")
     fig.savefig(path, dpi=100)
     return ctx.link(path, "router-row cosine per layer")
 
 
 def _coupling(ctx: ReportContext, layers: list[str], plots: bool) -> list[str]:
+    paper = ctx.paper_table("coupling")
     out = ["## Score–activation coupling", "",
            "Spearman ρ of the selected expert's score against its response, z-scored per (layer, expert), pooled "
            "over layers, on the final validation set; mean ± std over seeds, and the largest (least significant) "
-           f"log10 p of the seeds. Paper (Loss-Free run, weight vs gate norm): ρ = {PAPER_RHO}, p = {PAPER_P}. "
+           f"log10 p of the seeds. Paper (Loss-Free run, weight vs gate norm): ρ = {paper['rho']}, p = {paper['p']}. "
            f"Headline: `{COUPLING_HEADLINE}` (the authors' script); `gate_act` is the digest's mean SiLU activation; "
            "`up_norm` is the linear branch the gradient argument is about; `logit` is the raw h·r_e. The t-test "
            "treats the pairs as independent; they are not (one token gives K pairs in every layer, tokens of a "

@@ -2,6 +2,13 @@
 a whole batch at a time with torch (no per-sequence Python loops), fresh batches every step from a seeded
 generator, with the domain and transition labels in every batch.
 
+Every task speaks the package's batch dialect (:mod:`lightning_moe.data.batch`), so every monitor can watch it:
+``tokens`` (character ids) or ``inputs_embeds`` (float input vectors ``[B, S, D]``, the Hugging Face name),
+``labels`` (what is predicted at each position: the next character, the target expert id, or the regression
+target), ``domain_ids`` (the domain of each *input* position, as the LM's batches label it) and, for the tasks
+with a switch, ``transition_mask`` (True at each sequence's transition step: the last input of the old domain,
+whose label is already the new one's).
+
 Legend: B batch, S sequence, D input width, V vocabulary.
 
 - ``routing``: the toy routing task. Sequences of S = 12 noisy vectors in R^16; domain d adds +1 to dims
@@ -45,8 +52,8 @@ def routing_batch(
     generator: torch.Generator, batch: int, seq_len: int, switch_low: int, switch_high: int, d_model: int = 16,
     noise: float = 0.8,
 ) -> dict[str, Tensor]:
-    """One batch of the toy routing task: ``x_BSD``, ``target_BS`` (expert ids), ``domain_BS``, ``switch_B``,
-    ``transition_BS`` (True at each sequence's transition step)."""
+    """One batch of the toy routing task: ``inputs_embeds``, ``labels`` (target expert ids), ``domain_ids``,
+    ``transition_mask``."""
     start_B = torch.randint(0, 2, (batch,), generator=generator)
     switch_B = make_switches(generator, batch, switch_low, switch_high)
     steps_S = torch.arange(seq_len)
@@ -59,21 +66,21 @@ def routing_batch(
     # Target at t is the expert of the *next* step's domain; the last step has no next one (kept, unused).
     next_domain_BS = torch.cat([domain_BS[:, 1:], domain_BS[:, -1:]], dim=1)
     return {
-        "x_BSD": x_BSD, "target_BS": 2 * next_domain_BS, "domain_BS": domain_BS, "switch_B": switch_B,
-        "transition_BS": steps_S == (switch_B[:, None] - 1),
+        "inputs_embeds": x_BSD, "labels": 2 * next_domain_BS, "domain_ids": domain_BS,
+        "transition_mask": steps_S == (switch_B[:, None] - 1),
     }
 
 
 def early_signal_batch(
     generator: torch.Generator, batch: int, seq_len: int, signal_steps: int, d_model: int = 16, noise: float = 1.2
 ) -> dict[str, Tensor]:
-    """One batch of Table 1's Task A: ``x_BSD``, ``target_BS`` (constant per sequence), ``domain_BS``."""
+    """One batch of Table 1's Task A: ``inputs_embeds``, ``labels`` (constant per sequence), ``domain_ids``."""
     domain_B = torch.randint(0, 2, (batch,), generator=generator)
     x_BSD = torch.randn(batch, seq_len, d_model, generator=generator) * noise
     dims_D = torch.arange(d_model) // (d_model // 2)
     signal_BSD = (dims_D == domain_B[:, None, None]) & (torch.arange(seq_len) < signal_steps)[None, :, None]
     domain_BS = domain_B[:, None].expand(batch, seq_len)
-    return {"x_BSD": x_BSD + signal_BSD.float(), "target_BS": 2 * domain_BS, "domain_BS": domain_BS}
+    return {"inputs_embeds": x_BSD + signal_BSD.float(), "labels": 2 * domain_BS, "domain_ids": domain_BS}
 
 
 def markov_chain(generator: torch.Generator, batch: int, length: int) -> Tensor:
@@ -95,8 +102,8 @@ def markov_chain(generator: torch.Generator, batch: int, length: int) -> Tensor:
 def chars_batch(
     generator: torch.Generator, batch: int, seq_len: int, switch_low: int, switch_high: int
 ) -> dict[str, Tensor]:
-    """One batch of the character task: ``tokens_BS`` (inputs, S = seq_len - 1), ``target_BS``, ``domain_BS``
-    (domain of the predicted char), ``switch_B``, ``transition_BS``."""
+    """One batch of the character task: ``tokens`` (inputs, S = seq_len - 1), ``labels`` (the next chars),
+    ``domain_ids`` (of the input chars), ``transition_mask``."""
     switch_B = make_switches(generator, batch, switch_low, switch_high)
     chain_a = markov_chain(generator, batch, seq_len)
     chain_b = markov_chain(generator, batch, seq_len)
@@ -106,19 +113,20 @@ def chars_batch(
     b_index_BS = (steps_S - switch_B[:, None]).clamp(min=0)
     chars_BS = torch.where(in_b_BS, HALF + chain_b.gather(1, b_index_BS), chain_a)
     return {
-        "tokens_BS": chars_BS[:, :-1], "target_BS": chars_BS[:, 1:], "domain_BS": in_b_BS[:, 1:].long(),
-        "switch_B": switch_B, "transition_BS": steps_S[:-1] == (switch_B[:, None] - 1),
+        "tokens": chars_BS[:, :-1], "labels": chars_BS[:, 1:], "domain_ids": in_b_BS[:, :-1].long(),
+        "transition_mask": steps_S[:-1] == (switch_B[:, None] - 1),
     }
 
 
 def regression_batch(generator: torch.Generator, batch: int, d_model: int = 16) -> dict[str, Tensor]:
-    """One batch of the precision task: ``x_BD``, ``target_B1``, ``domain_B``."""
+    """One batch of the precision task, one position per sample: ``inputs_embeds`` ``[B, 1, D]``, ``labels``
+    ``[B, 1]`` (float), ``domain_ids`` ``[B, 1]``."""
     x_BD = torch.randn(batch, d_model, generator=generator)
     domain_B = torch.randint(0, 2, (batch,), generator=generator)
     half = d_model // 2
     in_domain_BD = (torch.arange(d_model) // half) == domain_B[:, None]
     target_B1 = (x_BD * in_domain_BD).sum(-1, keepdim=True) / half
-    return {"x_BD": x_BD, "target_B1": target_B1, "domain_B": domain_B}
+    return {"inputs_embeds": x_BD[:, None], "labels": target_B1, "domain_ids": domain_B[:, None]}
 
 
 class _Batches(IterableDataset):

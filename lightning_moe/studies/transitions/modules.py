@@ -9,10 +9,11 @@ Legend: B batch, S sequence, D model width, E experts, V vocabulary.
 - :class:`TransitionCharLM`: the character "LM": embedding -> dense soft mixture of 2 experts on the current
   embedding -> LayerNorm(x + mixture) -> head, no attention, so the router is the only path across time.
 
-The routing toy and the char LM log the transition metrics at the single validation at the end of fit (``val_check_interval`` =
-``max_steps``): held-out numbers under ``val/`` and the reference's running mean over the last 50 training
-batches under ``ref/``; each also saves ``transition_curve.json`` (per-position p(correct expert), aligned on
-each sequence's transition step) into the run folder for the report's plots.
+Routing around the switches (p(correct expert), accuracy and K at each offset) is measured by the core's
+:class:`~lightning_moe.callbacks.TransitionMonitor` on the batches' ``domain_ids``, which the study's recipes attach
+(it also writes ``transition_curve.json``); these modules log what belongs to their task: the loss, bits per
+character and the accuracy on their own targets, at the single validation at the end of fit (``val_check_interval``
+= ``max_steps``), and under ``ref/`` the reference's running mean over the last 50 training batches.
 """
 
 from __future__ import annotations
@@ -29,53 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe.gating import Router, TransitionRouter, label_frequency_error
-from lightning_moe.metrics import experts_for_coverage
+from lightning_moe import update_router_states
 from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
 
 RouteOn = Literal["current", "next"]
 LAST_N = 50  # the reference reports the mean of the last 50 training batches
-ALIGN = 8  # curve positions kept either side of the transition step
+ALIGN = 8  # the char LM's bits-per-character curve: offsets kept either side of the transition step
 
-
-
-def _k99(p: float) -> float:
-    """The core metric's experts-for-99%-coverage of one probability, as a logged float."""
-    return float(experts_for_coverage(torch.tensor(p)))
-
-
-class _AlignedCurve:
-    """Sums of a per-position quantity at offsets ``-ALIGN..ALIGN`` from each sequence's transition step."""
-
-    def __init__(self) -> None:
-        self.total_O = torch.zeros(2 * ALIGN + 1, dtype=torch.float64)
-        self.count_O = torch.zeros(2 * ALIGN + 1, dtype=torch.float64)
-
-    def add(self, value_BS: Tensor, transition_BS: Tensor) -> None:
-        S = value_BS.shape[1]
-        offset_BS = torch.arange(S) - transition_BS.float().argmax(dim=1, keepdim=True)
-        keep_BS = offset_BS.abs() <= ALIGN
-        index_N = (offset_BS[keep_BS] + ALIGN).long()
-        self.total_O.index_add_(0, index_N, value_BS[keep_BS].double().cpu())
-        self.count_O.index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.float64))
-
-    def mean(self) -> list[float | None]:
-        return [t / c if c else None for t, c in zip(self.total_O.tolist(), self.count_O.tolist())]
-
-
-def save_curve(module: pl.LightningModule, curves: dict[str, _AlignedCurve]) -> None:
-    """Write the aligned curves to ``<default_root_dir>/transition_curve.json`` (rank 0, real fits only)."""
-    trainer = module._trainer
-    if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
-        return
-    path = Path(trainer.default_root_dir) / "transition_curve.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"offsets": list(range(-ALIGN, ALIGN + 1)), **{k: c.mean() for k, c in curves.items()}}
-    path.write_text(json.dumps(data))
 
 
 class _RoutedModule(pl.LightningModule):
-    """What the study's modules share: one :class:`TransitionRouter` bound to ``(d_model, E)`` and the reference's
-    optimiser (Adam, no weight decay or schedule)."""
+    """What the study's modules share: one :class:`TransitionRouter` bound to ``(d_model, E)``, its state updated
+    once per optimizer step, and the reference's optimiser (Adam, no weight decay or schedule)."""
+
+    updates_router_states = True  # RouterStateUpdate leaves the module alone
 
     def _bind(self, router: TransitionRouter | dict, d_model: int, num_experts: int, lr: float) -> None:
         """Bind the router and save the caller's ``__init__`` arguments as hyper-parameters, the router as its
@@ -96,10 +64,20 @@ class _RoutedModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Pi only scales the logits of the next forward, so updating it before or after the optimizer step (the
+        # reference updates after) gives the same numbers.
+        update_router_states(self)
+
 
 class TransitionRoutingToy(_RoutedModule):
     """Router-only trainer of the toy routing task (spec §2): loss = sum over the S - 1 routed steps of the
     batch-mean cross-entropy of the gate's logits against the target expert, plus the router's aux losses.
+
+    Logged at the end: ``val/p_all`` and ``val/acc_all`` (soft probability and argmax accuracy on the target
+    expert over all routed steps, held out), ``ref/acc_all`` (the accuracy over the last 50 training batches),
+    ``val/beta_mean`` with beta, ``val/pi_{i}`` with precision. The transition step's numbers come from the
+    :class:`~lightning_moe.callbacks.TransitionMonitor` with ``correct_experts=[0, 2]``.
 
     Args:
         router: the gate (a :class:`TransitionRouter`; the ablation's eight conditions are its three flags, with
@@ -123,72 +101,56 @@ class TransitionRoutingToy(_RoutedModule):
             raise ValueError(f"route_on={route_on!r} is not a routing input; use 'current' or 'next' (oracle).")
         self._bind(router, d_model, num_experts, lr)
         self.route_on = route_on
-        self._recent_trans: list[Tensor] = []
         self._recent_all: list[Tensor] = []
 
     def gate(self, x_BSD: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``logits_BSE`` for the S - 1 routed steps and the router's aux losses."""
+        """``logits_BSE`` for the S - 1 routed steps and the router's aux losses.
+
+        The router always sees S positions, so its routing lines up with the batch's per-position labels for the
+        monitors: the whole sequence (the predictor at t = S - 2 needs its target x_{S-1}), or for the oracle the
+        next inputs with the last one repeated. Step S - 1 is dropped; a causal router's first S - 1 decisions do
+        not depend on it."""
         B, S, _ = x_BSD.shape
         if self.route_on == "next":
-            routing = self.router(x_BSD[:, 1:])
-            return routing.logits_TE.view(B, S - 1, -1), routing.aux_losses
-        # The whole sequence goes in so the predictor at t = S - 2 has its target x_{S-1}; step S - 1 is dropped.
+            x_BSD = torch.cat([x_BSD[:, 1:], x_BSD[:, -1:]], dim=1)
         routing = self.router(x_BSD)
         return routing.logits_TE.view(B, S, -1)[:, :-1], routing.aux_losses
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits_BSE, aux = self.gate(batch["x_BSD"])
-        target_BS = batch["target_BS"][:, :-1]
+        logits_BSE, aux = self.gate(batch["inputs_embeds"])
+        target_BS = batch["labels"][:, :-1]
         ce_BS = F.cross_entropy(logits_BSE.transpose(1, 2).float(), target_BS, reduction="none")
         loss = ce_BS.mean(dim=0).sum() + sum(aux.values(), torch.zeros((), device=ce_BS.device))
         with torch.no_grad():
             correct_BS = (logits_BSE.argmax(-1) == target_BS).float()
-            trans_BS = batch["transition_BS"][:, :-1]
-            self._recent_trans = (self._recent_trans + [correct_BS[trans_BS].mean()])[-LAST_N:]
             self._recent_all = (self._recent_all + [correct_BS.mean()])[-LAST_N:]
-        self._targets_BS = target_BS
+            # With precision, Pi is fed the reference ablation's label-frequency error (the share of the batch
+            # whose target is not i), one EMA step per routed time step, as the reference does.
+            if self.router.precision:
+                for t in range(target_BS.shape[1]):
+                    self.router.observe_expert_errors(label_frequency_error(target_BS[:, t], self.router.num_experts))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # With precision, Pi is fed the reference ablation's label-frequency error (the share of the batch whose
-        # target is not i), one EMA step per routed time step, after opt.step(), as the reference does.
-        if self.router.precision:
-            for t in range(self._targets_BS.shape[1]):
-                self.router.update_precision(label_frequency_error(self._targets_BS[:, t], self.router.num_experts))
-
     def on_validation_epoch_start(self) -> None:
-        self._curves = {"p_correct": _AlignedCurve(), "acc": _AlignedCurve()}
-        self._sums = torch.zeros(4, dtype=torch.float64)  # p_trans, acc_trans, p_all, acc_all (sums)
-        self._counts = torch.zeros(2, dtype=torch.float64)  # transition tokens, all tokens
+        self._sums = torch.zeros(3, dtype=torch.float64)  # p, acc on the target expert; tokens
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits_BSE, _ = self.gate(batch["x_BSD"])
-        target_BS = batch["target_BS"][:, :-1]
-        trans_BS = batch["transition_BS"][:, :-1]
+        logits_BSE, _ = self.gate(batch["inputs_embeds"])
+        target_BS = batch["labels"][:, :-1]
         p_BS = logits_BSE.float().softmax(-1).gather(-1, target_BS[..., None]).squeeze(-1)
         acc_BS = (logits_BSE.argmax(-1) == target_BS).float()
-        self._sums += torch.stack([p_BS[trans_BS].sum(), acc_BS[trans_BS].sum(), p_BS.sum(), acc_BS.sum()]).double().cpu()
-        self._counts += torch.tensor([trans_BS.sum().item(), p_BS.numel()], dtype=torch.float64)
-        self._curves["p_correct"].add(p_BS, trans_BS)
-        self._curves["acc"].add(acc_BS, trans_BS)
+        self._sums += torch.stack([p_BS.sum(), acc_BS.sum(), torch.tensor(p_BS.numel())]).double().cpu()
 
     def on_validation_epoch_end(self) -> None:
-        p_trans, acc_trans = (self._sums[:2] / self._counts[0]).tolist()
-        p_all, acc_all = (self._sums[2:] / self._counts[1]).tolist()
-        metrics = {
-            "val/p_trans": p_trans, "val/acc_trans": acc_trans, "val/p_all": p_all, "val/acc_all": acc_all,
-            "val/k99_trans": _k99(p_trans),
-        }
-        if self._recent_trans:
-            metrics["ref/acc_trans"] = torch.stack(self._recent_trans).mean().item()
+        p_all, acc_all = (self._sums[:2] / self._sums[2]).tolist()
+        metrics = {"val/p_all": p_all, "val/acc_all": acc_all}
+        if self._recent_all:
             metrics["ref/acc_all"] = torch.stack(self._recent_all).mean().item()
-            metrics["ref/k99_trans"] = _k99(metrics["ref/acc_trans"])
         if self.router.beta:
             metrics["val/beta_mean"] = self.router.beta_D.mean().item()
         if self.router.precision:
             metrics.update({f"val/pi_{i}": v for i, v in enumerate(self.router.precision_E.tolist())})
         self.log_dict(metrics)
-        save_curve(self, self._curves)
 
 
 
@@ -238,8 +200,8 @@ class TransitionSequenceRouting(_RoutedModule):
         return self.router(x_BSD).logits_TE.view(B, S, -1)[:, -1]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits_BE = self(batch["x_BSD"])
-        target_B = batch["target_BS"][:, -1]
+        logits_BE = self(batch["inputs_embeds"])
+        target_B = batch["labels"][:, -1]
         scores_BE = logits_BE.float().softmax(-1) if self.loss_on_probabilities else logits_BE.float()
         with torch.no_grad():
             self._recent = (self._recent + [(logits_BE.argmax(-1) == target_B).float().mean()])[-LAST_N:]
@@ -249,8 +211,8 @@ class TransitionSequenceRouting(_RoutedModule):
         self._correct = torch.zeros(2, dtype=torch.float64)  # correct, total
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        target_B = batch["target_BS"][:, -1]
-        correct = (self(batch["x_BSD"]).argmax(-1) == target_B).sum().item()
+        target_B = batch["labels"][:, -1]
+        correct = (self(batch["inputs_embeds"]).argmax(-1) == target_B).sum().item()
         self._correct += torch.tensor([correct, target_B.numel()], dtype=torch.float64)
 
     def on_validation_epoch_end(self) -> None:
@@ -278,6 +240,11 @@ class TransitionCharLM(_RoutedModule):
 
     Loss: per-token cross-entropy with the transition step weighted by ``transition_weight``, summed and divided
     by the token count (not the weight sum, as in the reference), plus the router's aux losses.
+
+    Logged at the end: ``val/bpc_all`` and ``val/bpc_trans`` (bits per character over all positions and at the
+    transition step, held out) and ``val/bpc@<o>``, the bits per character at offset o = -8..+8 from each
+    sequence's transition step. The gates around the switch come from the
+    :class:`~lightning_moe.callbacks.TransitionMonitor`.
 
     Args:
         router: the gate (``TransitionRouter``; Standard = no beta/anticipation, beta-MoE = beta, beta+Ant = beta
@@ -331,59 +298,39 @@ class TransitionCharLM(_RoutedModule):
         return self.head(self.norm(x_BSD + mixed_BSD)), gates_BSE, routing.aux_losses
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits_BSV, _, aux = self(batch["tokens_BS"])
-        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["target_BS"], reduction="none")
-        weight_BS = 1.0 + (self.transition_weight - 1.0) * batch["transition_BS"].float()
+        logits_BSV, _, aux = self(batch["tokens"])
+        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["labels"], reduction="none")
+        weight_BS = 1.0 + (self.transition_weight - 1.0) * batch["transition_mask"].float()
         loss = (ce_BS * weight_BS).mean() + sum(aux.values(), torch.zeros((), device=ce_BS.device))
         if batch_idx % 50 == 0:
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        E = len(self.experts)
-        self._gate_sum_2E = torch.zeros(2, E, dtype=torch.float64)  # per domain of the predicted char
-        self._gate_count_2 = torch.zeros(2, dtype=torch.float64)
-        self._gates, self._ce, self._trans, self._domain = [], [], [], []
+        O = 2 * ALIGN + 1
+        self._ce_sums = torch.zeros(2, dtype=torch.float64)  # CE summed over all tokens, at the transition steps
+        self._ce_counts = torch.zeros(2, dtype=torch.float64)
+        self._ce_O = torch.zeros(O, dtype=torch.float64)  # CE summed per offset from the transition step
+        self._count_O = torch.zeros(O, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits_BSV, gates_BSE, _ = self(batch["tokens_BS"])
-        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["target_BS"], reduction="none")
-        domain_BS = batch["domain_BS"]
-        for d in (0, 1):
-            mask_BS = domain_BS == d
-            self._gate_sum_2E[d] += gates_BSE[mask_BS].sum(0).double().cpu()
-            self._gate_count_2[d] += mask_BS.sum().item()
-        self._gates.append(gates_BSE.float().cpu())
-        self._ce.append(ce_BS.cpu())
-        self._trans.append(batch["transition_BS"].cpu())
-        self._domain.append(domain_BS.cpu())
+        logits_BSV, _, _ = self(batch["tokens"])
+        ce_BS = F.cross_entropy(logits_BSV.transpose(1, 2).float(), batch["labels"], reduction="none").double()
+        trans_BS = batch["transition_mask"]
+        self._ce_sums += torch.stack([ce_BS.sum(), ce_BS[trans_BS].sum()]).cpu()
+        self._ce_counts += torch.tensor([ce_BS.numel(), trans_BS.sum().item()], dtype=torch.float64)
+        offset_BS = torch.arange(ce_BS.shape[1], device=ce_BS.device) - trans_BS.float().argmax(dim=1, keepdim=True)
+        keep_BS = offset_BS.abs() <= ALIGN
+        index_N = (offset_BS[keep_BS] + ALIGN).long().cpu()
+        self._ce_O.index_add_(0, index_N, ce_BS[keep_BS].cpu())
+        self._count_O.index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.float64))
 
     def on_validation_epoch_end(self) -> None:
-        # The B expert is the one whose mean gate rises most from domain A to B (the reference's
-        # identify_domain_experts, here on the same held-out batches as the evaluation).
-        mean_2E = self._gate_sum_2E / self._gate_count_2.clamp(min=1)[:, None]
-        expert_b = int((mean_2E[1] - mean_2E[0]).argmax())
-        gates_BSE, ce_BS = torch.cat(self._gates), torch.cat(self._ce)
-        trans_BS, domain_BS = torch.cat(self._trans), torch.cat(self._domain)
-        p_b_BS = gates_BSE[..., expert_b]
-        offset_BS = torch.arange(ce_BS.shape[1]) - trans_BS.float().argmax(dim=1, keepdim=True)
-        mid_BS = (offset_BS >= 3) & (offset_BS <= 20)  # the reference's slice(34, 52) for a switch at 32
-        p_trans = p_b_BS[trans_BS].mean().item()
-        ln2 = math.log(2)
-        self.log_dict({
-            "val/bpc_all": ce_BS.mean().item() / ln2,
-            "val/bpc_trans": ce_BS[trans_BS].mean().item() / ln2,
-            "val/p_b_trans": p_trans,
-            "val/p_b_mid": p_b_BS[mid_BS].mean().item(),
-            "val/k99_trans": _k99(p_trans),
-            "val/specialisation": (mean_2E[1, expert_b] / mean_2E[0, expert_b].clamp(min=1e-12)).item(),
-        })
-        curve = _AlignedCurve()
-        # p(correct expert): the B expert's gate on B-domain targets, the other experts' share on A targets.
-        curve.add(torch.where(domain_BS == 1, p_b_BS, 1 - p_b_BS), trans_BS)
-        bpc = _AlignedCurve()
-        bpc.add(ce_BS / ln2, trans_BS)
-        save_curve(self, {"p_correct": curve, "bpc": bpc})
+        bpc_all, bpc_trans = (self._ce_sums / self._ce_counts / math.log(2)).tolist()
+        bpc_O = (self._ce_O / self._count_O / math.log(2)).tolist()
+        metrics = {"val/bpc_all": bpc_all, "val/bpc_trans": bpc_trans}
+        metrics.update({f"val/bpc@{o - ALIGN:+d}": v for o, v in enumerate(bpc_O) if self._count_O[o] > 0})
+        self.log_dict(metrics)
 
 
 
@@ -441,29 +388,29 @@ class TransitionPrecisionRegression(_RoutedModule):
         shifted = self.shifted_noise is not None and step >= self.shift_step
         return torch.tensor(self.shifted_noise if shifted else self.expert_noise, dtype=torch.float32)
 
-    def forward(self, x_BD: Tensor, noise_E: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x_B1D: Tensor, noise_E: Tensor) -> tuple[Tensor, Tensor]:
         """``(mixture_B1, expert_outputs_BE1)`` with each expert's output noise added."""
-        gates_BE = self.router(x_BD[:, None]).scores_TE
+        gates_BE = self.router(x_B1D).scores_TE
+        x_BD = x_B1D[:, 0]
         outs_BE1 = torch.stack([expert(x_BD) for expert in self.experts], dim=1)
         outs_BE1 = outs_BE1 + torch.randn_like(outs_BE1) * noise_E.to(outs_BE1)[:, None]
         return (gates_BE[..., None].to(outs_BE1.dtype) * outs_BE1).sum(1), outs_BE1
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out_B1, outs_BE1 = self(batch["x_BD"], self.noise_E(self.global_step))
-        loss = F.mse_loss(out_B1, batch["target_B1"])
+        out_B1, outs_BE1 = self(batch["inputs_embeds"], self.noise_E(self.global_step))
+        loss = F.mse_loss(out_B1, batch["labels"])
         self._losses.append(loss.detach())
-        self._errors_E = ((outs_BE1.detach() - batch["target_B1"][:, None]) ** 2).mean(dim=(0, 2))
+        self.router.observe_expert_errors(((outs_BE1.detach() - batch["labels"][:, None]) ** 2).mean(dim=(0, 2)))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # After opt.step(), as the reference: the next step's Pi includes this step's errors.
+        # Pi after this step's update, which the next step routes with (the reference's Table 3 trajectory).
         if self.router.precision:
-            self.router.update_precision(self._errors_E)
             self._precision.append(self.router.precision_E.clone())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out_B1, _ = self(batch["x_BD"], self.noise_E(self.global_step))
-        self.log("val/mse", F.mse_loss(out_B1, batch["target_B1"]))
+        out_B1, _ = self(batch["inputs_embeds"], self.noise_E(self.global_step))
+        self.log("val/mse", F.mse_loss(out_B1, batch["labels"]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._losses:

@@ -1,5 +1,5 @@
 """Report sections of the domain-transition studies (``recipes/transitions`` and its ``lm/``), built from the
-finished rows and the ``transition_curve.json`` each run writes (see :mod:`lightning_moe.studies.transitions.modules`):
+finished rows and the ``transition_curve.json`` the recipes' :class:`~lightning_moe.callbacks.TransitionMonitor` writes:
 paired gains and the beta x Ant interaction per seed, p(correct expert) aligned on the transition step, and the
 wall time beside the reference prototypes' measured time (transitions spec §6).
 """
@@ -12,7 +12,7 @@ from datetime import datetime
 
 from lightning_moe.studies.report import ReportContext, figure
 
-CURVE_FILE = "transition_curve.json"  # written by the modules' save_curve into each run's folder
+CURVE_FILE = "transition_curve.json"  # the TransitionMonitor's artifact in each run's folder
 
 # The reference prototypes' uncontended fit time per run on the same 2-core VM (spec §6), seconds: the toy's
 # baseline and beta+Ant were timed alone (30.0 s, 33.6 s); its other conditions only within the whole 45-run
@@ -27,11 +27,7 @@ REFERENCE_TOTAL_S = {  # the reference's whole protocol, seconds: the measured a
     "transitions": ("the 45-run ablation.py, measured", 1653.0),
     "transitions_lm": ("5 seeds x (270 + 304 + 540) s", 5 * sum(REFERENCE_S["transitions_lm"].values())),
 }
-PAPER_PI = {  # Table 3: Pi after the update of each step, shifting reliability (swap at 500)
-    490: (13.62, 3.02, 0.43, 3.14), 500: (5.46, 3.06, 0.44, 3.17), 510: (0.97, 3.08, 0.71, 3.12),
-    520: (0.64, 3.10, 1.12, 3.09), 550: (0.47, 3.09, 3.71, 3.19), 600: (0.44, 3.14, 10.74, 3.02),
-}
-TOY_METRIC = "ref/acc_trans"
+TOY_METRIC = "train/transition/router/acc_correct@-1"  # logged by the recipes' TransitionMonitor
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -62,7 +58,9 @@ def paired_section(ctx: ReportContext, prefix: str = "") -> list[str]:
     ba, b, a = (_paired(ctx, prefix + c, base, TOY_METRIC) for c in ("beta+ant", "beta", "ant"))
     seeds = sorted(ba.keys() & b.keys() & a.keys())
     interaction = [ba[s] - b[s] - a[s] for s in seeds]
-    paper = "spec 7.3 probe of the reference: beta+Ant = beta" if prefix else "paper +0.446 ± 0.014"
+    interaction_paper = ctx.paper_table("interaction")
+    paper = f"spec 7.3 probe of the reference: {interaction_paper['random']}" if prefix else (
+        f"paper {interaction_paper['mean']:+.3f} ± {interaction_paper['std']:.3f}")
     per_seed = ", ".join(f"{v:+.3f}" for v in interaction) or "—"
     summary = (f"beta x Ant interaction = gain(beta+Ant) - gain(beta) - gain(Ant), per seed: {per_seed}; "
                f"mean ± std {_mean_std(interaction)} ({paper}).")
@@ -70,41 +68,61 @@ def paired_section(ctx: ReportContext, prefix: str = "") -> list[str]:
     return lines
 
 
-def _curves(ctx: ReportContext, condition: str) -> dict[str, list[float]]:
-    """Seed-mean of each curve in the condition's ``transition_curve.json`` files (``offsets`` kept as is)."""
-    loaded = [a for row in ctx.runs(condition) if (a := ctx.artifact(row["run_id"], CURVE_FILE)) is not None]
-    if not loaded:
-        return {}
-    out = {"offsets": loaded[0]["offsets"]}
-    for key in loaded[0]:
-        if key == "offsets":
-            continue
-        columns = zip(*(c[key] for c in loaded))
-        out[key] = [statistics.fmean(v for v in col if v is not None) if any(v is not None for v in col)
-                    else float("nan") for col in columns]
+def _held_out(ctx: ReportContext, row: dict) -> dict | None:
+    """The held-out results of the run's (single) routed layer in its ``transition_curve.json``, or None."""
+    art = ctx.artifact(row["run_id"], CURVE_FILE)
+    layers = (art or {}).get("val") or {}
+    return next(iter(layers.values()), None)
+
+
+def _bpc_curve(row: dict) -> tuple[list[int], list[float]]:
+    """The char LM's logged ``val/bpc@<o>`` (o from the transition step), on offsets from the switch."""
+    found = sorted((int(k.split("@")[1]), v) for k, v in row["metrics"].items() if k.startswith("val/bpc@"))
+    return [o - 1 for o, _ in found], [v for _, v in found]
+
+
+def _curves(ctx: ReportContext, condition: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Seed-mean curves of ``condition``, each as (offsets from the switch, values): ``p_correct`` and
+    ``acc_correct`` from the monitor's artifact, ``bpc`` from the char LM's logged values."""
+    per_seed: dict[str, list[tuple[list[int], list]]] = {}
+    for row in ctx.runs(condition):
+        held_out = _held_out(ctx, row)
+        if held_out is not None:
+            for key in ("p_correct", "acc_correct"):
+                per_seed.setdefault(key, []).append((held_out["offsets"], held_out[key]))
+        offsets, bpc = _bpc_curve(row)
+        if bpc:
+            per_seed.setdefault("bpc", []).append((offsets, bpc))
+    out = {}
+    for key, curves in per_seed.items():
+        columns = zip(*(values for _, values in curves))
+        out[key] = (curves[0][0], [statistics.fmean(v for v in col if v is not None)
+                                   if any(v is not None for v in col) else float("nan") for col in columns])
     return out
 
 
 def curve_section(ctx: ReportContext, groups: dict[str, list[str]], keys: Sequence[str]) -> list[str]:
     """One figure per key with a panel per group: the seed-mean curve of each condition vs offset from the
-    transition step."""
-    legend = ("Offset 0 = each sequence's transition step (its input is still the old domain, its target the new "
-             "one); held-out batches, mean over seeds. Toy: p = the gate's soft probability on the target expert. "
-             "Character task: p = gate on the B expert for B targets and on the other expert for A targets "
-             "(`bpc` = bits per character at each offset).")
-    lines = ["## p(correct expert) aligned on the transition step", "", legend, ""]
+    switch."""
+    legend = ("Offset 0 = each sequence's first input of the new domain, so offset -1 is its transition step (the "
+              "input is still the old domain, the target already the new one); held-out batches, mean over seeds. "
+              "`p_correct` = the gate's probability on the *incoming* domain's expert at every offset (before the "
+              "switch: how early the router moves), the TransitionMonitor's definition; toy: the target experts "
+              "0 / 2, character task: the expert whose mean gate rises most on each domain. `bpc` = bits per "
+              "character at each offset.")
+    lines = ["## Routing aligned on the switch", "", legend, ""]
     for key in keys:
         fig = figure(4.2 * len(groups), 3.2)
         drawn = 0
         for i, (group, conditions) in enumerate(groups.items()):
             ax = fig.add_subplot(1, len(groups), i + 1)
             for condition in conditions:
-                curve = _curves(ctx, condition)
-                if key in curve:
-                    ax.plot(curve["offsets"], curve[key], marker="o", ms=3, label=condition)
+                curve = _curves(ctx, condition).get(key)
+                if curve:
+                    ax.plot(*curve, marker="o", ms=3, label=condition)
                     drawn += 1
-            ax.axvline(0, color="grey", lw=0.8, ls="--")
-            ax.set_xlabel("offset from the transition step")
+            ax.axvline(-1, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("offset from the switch (-1 = transition step)")
             ax.set_ylabel(key)
             ax.set_title(group, fontsize=9)
             ax.legend(fontsize=7)
@@ -113,8 +131,26 @@ def curve_section(ctx: ReportContext, groups: dict[str, list[str]], keys: Sequen
         fig.tight_layout()
         path = ctx.plot(f"{ctx.study.name}_{key}.png")
         fig.savefig(path, dpi=110)
-        lines += [ctx.link(path, f"{key} vs offset from the transition"), ""]
+        lines += [ctx.link(path, f"{key} vs offset from the switch"), ""]
     return lines
+
+
+def specialisation_section(ctx: ReportContext) -> list[str]:
+    """The B expert's mean gate on B tokens over its mean gate on A tokens (held out), per condition."""
+    lines = ["## B-expert specialisation", "",
+             "Mean gate of the B expert (the one whose mean gate rises most on B) on B-domain inputs over its mean "
+             "gate on A-domain inputs, held out, from the TransitionMonitor's per-domain routing mass; mean ± "
+             "sample std over seeds.", "", "| condition | B / A gate of the B expert |", "|---|---|"]
+    for condition in ctx.results.conditions():
+        ratios = []
+        for row in ctx.runs(condition):
+            held_out = _held_out(ctx, row)
+            if held_out is not None and held_out["correct_C"][1] >= 0 and held_out["label_mass_CE"][0]:
+                b = held_out["correct_C"][1]
+                ratios.append(held_out["label_mass_CE"][1][b] / max(held_out["label_mass_CE"][0][b], 1e-12))
+        std = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        lines.append(f"| {condition} | {f'{statistics.fmean(ratios):.2f} ± {std:.2f}' if ratios else '—'} |")
+    return lines + [""]
 
 
 def time_section(ctx: ReportContext) -> list[str]:
@@ -171,7 +207,7 @@ def precision_section(ctx: ReportContext) -> list[str]:
              "| step | Pi_0 | Pi_1 | Pi_2 | Pi_3 | paper Pi_0..3 |", "|---|---|---|---|---|---|"]
     shift = _trajectory(ctx, "shift.precision")
     pi_NE = (shift or {}).get("precision", [])
-    for step, paper in PAPER_PI.items():
+    for step, paper in ctx.paper_table("pi_trajectory").items():
         if step < len(pi_NE):
             ours = " | ".join(f"{v:.2f}" for v in pi_NE[step])
             lines.append(f"| {step} | {ours} | {', '.join(f'{v:.2f}' for v in paper)} |")
@@ -219,7 +255,7 @@ def render(ctx: ReportContext) -> list[str]:
     if "standard" in conditions:
         fixed = [c for c in conditions if not c.startswith("random.")]
         groups = {"fixed switch at 32": fixed, "random switch 16..48": [c for c in conditions if c not in fixed]}
-        lines = curve_section(ctx, groups, ["p_correct", "bpc"])
+        lines = curve_section(ctx, groups, ["p_correct", "bpc"]) + specialisation_section(ctx)
     else:
         lines = ["## Paired gains and interaction", ""] + paired_section(ctx)
         if "random.baseline" in conditions:
