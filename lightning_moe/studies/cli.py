@@ -36,14 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="list the runs and their commands and validate the overrides; train nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub.add_parser("report", parents=[common], help="rebuild the report from the finished runs")
+    sub.add_parser("report", parents=[common], help="rebuild the report from the finished runs (by default from "
+                   "the study's shipped records/ when it has them)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-moe study``; returns the exit status."""
     from lightning_moe.studies.report import write_report
-    from lightning_moe.studies.runner import StudyPaths, run_study, validate_plans
+    from lightning_moe.studies.runner import StudyPaths, export_records, run_study, validate_plans
 
     args = _parser().parse_args(argv)
     try:
@@ -60,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 study, smoke=args.smoke, workers=args.workers, threads=args.threads, seeds=args.seeds,
                 conditions=args.conditions, out=args.out, progress=not args.no_progress,
             )
+        default = not args.smoke and args.out is None
+        if default and args.action == "run":
+            paths = export_records(study, paths)
+        elif default and StudyPaths.of_records(study).rows.is_file():
+            paths = StudyPaths.of_records(study)
         report = write_report(study, plans, paths, args.smoke)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

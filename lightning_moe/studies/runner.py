@@ -17,6 +17,11 @@ mix with full runs):
 * ``runs/<run id>/``: the trainer's ``default_root_dir`` (checkpoints, logger files, ``result.json``).
 * ``configs/<condition>.yaml``: the fully resolved config of each condition (first seed), from ``--print_config``.
 
+Records (``<study folder>/records/``, committed beside the report): after a default full run, the rows file and every
+run's small JSON artefacts (what the report sections read; not checkpoints, logs or ``result.json``, whose numbers
+are in the rows) are copied there, and the study folder's report is built from them, so ``lightning-moe study
+report`` rebuilds the committed report without training.
+
 Resuming: a run with a ``status: ok`` row of the same fingerprint (config files' contents and overrides) is never
 redone; everything else (never started, killed, failed, rejected, or changed since) runs again.
 """
@@ -47,6 +52,8 @@ from lightning_moe.studies.spec import RunPlan, Study, StudyError, override_args
 
 ROWS_FILE = "runs.jsonl"
 DEFAULT_OUT = Path("runs") / "studies"
+RECORDS_DIR = "records"
+RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class StudyPaths:
 
     root: Path
     report_dir: Path
+    records: bool = False  # root is a study's shipped records (rows and artefacts only, no logs)
 
     @classmethod
     def of(cls, study: Study, out: str | Path | None = None, smoke: bool = False) -> StudyPaths:
@@ -65,6 +73,11 @@ class StudyPaths:
         root = Path(out) if out is not None else DEFAULT_OUT / study.name
         root = root / "smoke" if smoke else root
         return cls(root, root if smoke or out is not None else study.dir)
+
+    @classmethod
+    def of_records(cls, study: Study) -> StudyPaths:
+        """The study's shipped records (``<study folder>/records``), reported into the study folder."""
+        return cls(study.dir / RECORDS_DIR, study.dir, records=True)
 
     @property
     def rows(self) -> Path:
@@ -135,6 +148,23 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def export_records(study: Study, paths: StudyPaths) -> StudyPaths:
+    """Copy the rows file and each run's JSON artefacts from ``paths`` into the study's records, replacing the
+    previous records; return the records' paths."""
+    import shutil
+
+    records = StudyPaths.of_records(study)
+    shutil.rmtree(records.root, ignore_errors=True)
+    records.root.mkdir(parents=True)
+    shutil.copyfile(paths.rows, records.rows)
+    for run in sorted((paths.root / "runs").glob("*")):
+        for artefact in sorted(run.glob("*.json")):
+            if artefact.name != RESULT_FILE:
+                records.run_dir(run.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(artefact, records.run_dir(run.name) / artefact.name)
+    return records
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """All rows of a rows file, oldest first; a half-written last line (the writer was killed) is skipped."""
     if not path.is_file():
@@ -170,7 +200,7 @@ def _runner_overrides(plan: RunPlan, paths: StudyPaths, threads: int) -> dict[st
     """What the runner adds to every run, after the study's overrides: these must win."""
     callback = {
         "class_path": "lightning_moe.studies.capture.StudyMetrics",
-        "init_args": {"path": str((paths.run_dir(plan.run_id) / "result.json").resolve())},
+        "init_args": {"path": str((paths.run_dir(plan.run_id) / RESULT_FILE).resolve())},
     }
     return {
         "trainer.default_root_dir": str(paths.run_dir(plan.run_id).resolve()),
@@ -324,7 +354,7 @@ def _start(ctx: multiprocessing.context.BaseContext, plan: RunPlan, paths: Study
     """Start a run's process; its log begins with the command line."""
     run_dir = paths.run_dir(plan.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)  # from an attempt whose row was lost: never reuse it
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # from an attempt whose row was lost: never reuse it
     log = paths.log(plan.run_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     args = _command(plan, paths, threads)
@@ -341,7 +371,7 @@ def _finish(job: _Running, study: Study, paths: StudyPaths, base: dict[str, Any]
     job.process.join()
     code = job.process.exitcode
     plan, log, run_dir = job.plan, paths.log(job.plan.run_id), paths.run_dir(job.plan.run_id)
-    result = run_dir / "result.json"
+    result = run_dir / RESULT_FILE
     row = base | _row_head(plan, study, paths) | {
         "started": job.started, "finished": _now(), "wall_s": time.perf_counter() - job.t0,
         "returncode": code, "log": paths.rel(log), "run_dir": paths.rel(run_dir), "metrics": {}, "error": None,
