@@ -5,6 +5,7 @@ The monitors work on any model whose MoE layers an adapter recognises (:mod:`lig
 """
 
 from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor, coupling_metric_name
+from lightning_moe.callbacks.diagnostics import CoActivationMonitor, MarginMonitor
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
 from lightning_moe.callbacks.monitor import RoutingMonitor
@@ -16,8 +17,10 @@ from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
     "COUPLING_HEADLINE",
+    "CoActivationMonitor",
     "CouplingMonitor",
     "LoadBalanceMonitor",
+    "MarginMonitor",
     "ResultTable",
     "RouterGeometryMonitor",
     "RouterStateUpdate",
