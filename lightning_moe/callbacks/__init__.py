@@ -4,6 +4,7 @@ optimizer step, and result tables.
 The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
 """
 
+from lightning_moe.callbacks.alarms import ALARMS, RoutingAlarms
 from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor, coupling_metric_name
 from lightning_moe.callbacks.diagnostics import CoActivationMonitor, MarginMonitor
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
@@ -16,6 +17,7 @@ from lightning_moe.callbacks.specialization import SpecializationMonitor
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
+    "ALARMS",
     "COUPLING_HEADLINE",
     "CoActivationMonitor",
     "CouplingMonitor",
@@ -24,6 +26,7 @@ __all__ = [
     "ResultTable",
     "RouterGeometryMonitor",
     "RouterStateUpdate",
+    "RoutingAlarms",
     "RoutingMonitor",
     "SpecializationMonitor",
     "TransitionMonitor",
