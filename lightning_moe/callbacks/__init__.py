@@ -14,6 +14,7 @@ from lightning_moe.callbacks.plots import matplotlib_available
 from lightning_moe.callbacks.results import ResultTable
 from lightning_moe.callbacks.router_state import RouterStateUpdate
 from lightning_moe.callbacks.specialization import SpecializationMonitor
+from lightning_moe.callbacks.summary import RoutingSummary, routing_summary
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "RouterStateUpdate",
     "RoutingAlarms",
     "RoutingMonitor",
+    "RoutingSummary",
     "SpecializationMonitor",
     "TransitionMonitor",
     "coupling_metric_name",
     "matplotlib_available",
+    "routing_summary",
 ]
