@@ -119,7 +119,7 @@ class MarginMonitor(RoutingMonitor):
 
     def _plot(self, directory: Path) -> None:
         for stage, histograms in self.histograms.items():
-            made = new_figure(len(histograms), panel_size=(5.0, 2.6)) if histograms else None
+            made = new_figure(len(histograms), columns=min(2, len(histograms)), panel_size=(4.5, 2.6)) if histograms else None
             if made is None:
                 continue
             fig, axes = made
@@ -134,7 +134,7 @@ class MarginMonitor(RoutingMonitor):
                        color="tab:blue")
                 ax.axvline(self.near_tie, color="grey", linestyle=":", label=f"near tie ({self.near_tie:g})")
                 ax.set_title(f"{layer}: top-k decision margins ({stage})", fontsize=9)
-                ax.set_xlabel("relative margin (lowest selected - best unselected) / lowest selected")
+                ax.set_xlabel("(lowest selected - best unselected) / lowest selected", fontsize=8)
                 ax.set_ylabel("share of tokens")
                 ax.legend(fontsize=7)
             self.save_figure(fig, directory, stage)
