@@ -6,16 +6,19 @@ Legend: T tokens, K selected slots per token, E experts, R disabled experts per 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.data.batch import IGNORE_INDEX
 from lightning_moe.gating.base import Routing
 from lightning_moe.layers import MoELayer
 
-__all__ = ["mask_top_experts", "redundancy_probe"]
+__all__ = ["language_model_loss", "mask_top_experts", "redundancy_probe"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -100,3 +103,46 @@ def redundancy_probe(
         return curves
     finally:
         model.train(was_training)
+
+
+def language_model_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Next-token cross-entropy (fp32, labels of -100 ignored) of ``model(batch["tokens"])`` against
+    ``batch["labels"]``: a ``loss_fn`` for :func:`redundancy_probe` on any of our language models."""
+    logits_BSV = model(batch["tokens"])
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-moe probe``: the redundancy probe of a checkpoint on the first validation batches of its recipe;
+    prints a markdown table of the mean loss per layer and r."""
+    p = argparse.ArgumentParser(prog="lightning-moe probe", description=main.__doc__)
+    p.add_argument("--config", required=True, help="the recipe the checkpoint was trained with (model and data)")
+    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by the Trainer for that recipe")
+    p.add_argument("--max_r", type=int, default=1, help="largest number of disabled experts per token")
+    p.add_argument("--batches", type=int, default=4, help="validation batches to average over")
+    a = p.parse_args(argv)
+    if a.batches < 1:
+        p.error(f"--batches must be >= 1, got {a.batches}.")
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lightning_moe.cli import MoECLI  # here: `lightning-moe fit` never pays for the probe, nor the reverse
+
+    cli = MoECLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", a.config], save_config_callback=None, parser_kwargs={"default_env": False})
+    module, data = cli.model, cli.datamodule
+    module.load_state_dict(torch.load(a.ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
+    data.setup("validate")
+    sums: dict[str, list[float]] = {}
+    n = 0
+    for batch in data.val_dataloader():
+        for layer, curve in redundancy_probe(module, batch, language_model_loss, a.max_r).items():
+            sums[layer] = [s + c for s, c in zip(sums.get(layer, [0.0] * len(curve)), curve)]
+        n += 1
+        if n == a.batches:
+            break
+    header = "| layer | " + " | ".join(f"r={r}" for r in range(a.max_r + 1)) + " |"
+    lines = [f"Redundancy probe: mean validation loss over {n} batches with each token's top-r experts disabled",
+             "", header, "|" + "---|" * (a.max_r + 2)]
+    lines += [f"| `{layer}` | " + " | ".join(f"{v / n:.4f}" for v in curve) + " |" for layer, curve in sums.items()]
+    print("\n".join(lines))
+    return 0

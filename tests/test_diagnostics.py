@@ -295,3 +295,30 @@ def test_probe_on_the_language_model_per_layer():
     assert sorted(curves) == LAYERS and all(len(c) == 3 for c in curves.values())
     assert curves[LAYERS[0]][0] == curves[LAYERS[1]][0]
     assert curves[LAYERS[0]][1] != curves[LAYERS[0]][0]
+
+
+def test_probe_command_prints_the_mean_curve(tmp_path, capsys):
+    from lightning_moe.cli import main
+    from lightning_moe.data import ByteCorpusDataModule
+    from lightning_moe.diagnostics import language_model_loss
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_moe.modules.MoELanguageModel\n  init_args:\n"
+        "    vocab_size: 256\n    d_model: 16\n    n_layers: 2\n    n_heads: 2\n    d_ff: 16\n    num_experts: 4\n"
+        "    top_k: 2\n    max_seq_len: 16\n"
+        "data:\n  class_path: lightning_moe.data.ByteCorpusDataModule\n  init_args:\n"
+        "    seq_len: 16\n    batch_size: 2\n    bytes_per_domain: 4000\n"
+    )
+    torch.manual_seed(3)
+    model = MoELanguageModel(vocab_size=256, d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4, top_k=2,
+                             max_seq_len=16)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.ckpt")
+    main(["probe", "--config", str(config), "--ckpt_path", str(tmp_path / "m.ckpt"), "--max_r", "1",
+          "--batches", "1"])
+    data = ByteCorpusDataModule(seq_len=16, batch_size=2, bytes_per_domain=4000)
+    data.setup("validate")
+    curves = redundancy_probe(model, next(iter(data.val_dataloader())), language_model_loss, max_r=1)
+    out = capsys.readouterr().out
+    for layer, (r0, r1) in curves.items():
+        assert f"| `{layer}` | {r0:.4f} | {r1:.4f} |" in out
