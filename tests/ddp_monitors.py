@@ -47,6 +47,11 @@ def run(devices: int, root: str) -> dict[str, float]:
                     TransitionMonitor(num_labels=2, window=2, every_n_steps=1), CoActivationMonitor(every_n_steps=1),
                     MarginMonitor(every_n_steps=1), RoutingAlarms(every_n_steps=1)]
     pl.Trainer(max_steps=2, limit_val_batches=0, callbacks=fit_monitors, **common).fit(tiny_model(), TinyLMData())
+    # Each rank writes its alarm state: counters and flags must be identical on every rank.
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    alarms = fit_monitors[-1]
+    Path(root, f"alarms{rank}.json").write_text(json.dumps(
+        {"extra": alarms.state_dict()["extra"], "logged": alarms.logged}, sort_keys=True))
     monitors = [LoadBalanceMonitor(), SpecializationMonitor(num_labels=2), TransitionMonitor(num_labels=2, window=2),
                 CoActivationMonitor(), MarginMonitor()]
     pl.Trainer(callbacks=list(monitors), **common).validate(tiny_model(), datamodule=TinyLMData())
