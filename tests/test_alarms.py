@@ -121,3 +121,44 @@ def test_bad_arguments_name_the_field():
         RoutingAlarms(collapse_share=1.5)
     with pytest.raises(ValueError, match="patience must be > 0, got 0"):
         RoutingAlarms(patience=0)
+
+
+class KillsExpertSeven(SoftmaxTopK):
+    """Routes to all 8 experts for its first 4 forwards, then never again to expert 7 (a dying expert)."""
+
+    calls = 0
+
+    def logits(self, x_TD):
+        KillsExpertSeven.calls += 1
+        logits_TE = super().logits(x_TD)
+        return logits_TE - 1e4 * (KillsExpertSeven.calls > 4) * F.one_hot(torch.tensor(7), 8)
+
+
+def test_an_expert_dying_during_training_is_a_collapse():
+    KillsExpertSeven.calls = 0
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    alarms = RoutingAlarms(every_n_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        pl.Trainer(max_steps=10, limit_val_batches=0, callbacks=[alarms], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, accelerator="cpu").fit(
+            MoELanguageModel(**{**TINY, "num_experts": 8}, router=KillsExpertSeven(), warmup_steps=1),
+            datamodule=TinyLMData(batches=12))
+    # Windows at steps 2 and 4 saw expert 7; those at 6, 8 and 10 did not: 3 windows with more dead experts.
+    assert alarms.first_dead == {LAYER: 0.0} and alarms.fired["collapse"] == [LAYER]
+    assert any("1 dead experts (first window: 0)" in str(w.message) for w in record)
+
+
+def test_alarms_never_change_what_the_model_learns():
+    def trained(callbacks):
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = MoELanguageModel(**TINY, warmup_steps=1)
+        pl.Trainer(max_steps=4, limit_val_batches=0, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, accelerator="cpu").fit(
+            model, datamodule=TinyLMData())
+        return model.state_dict()
+
+    plain, watched = trained([]), trained([RoutingAlarms(every_n_steps=1)])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
