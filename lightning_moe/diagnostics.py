@@ -79,14 +79,16 @@ def redundancy_probe(
     chosen = list(layers) if layers is not None else list(found)
     unknown = [n for n in chosen if n not in found]
     if unknown:
-        raise ValueError(f"layers={chosen!r}: no MoELayer named {unknown!r}; the model's MoE layers are {sorted(found)!r}.")
+        raise ValueError(f"layers={chosen!r}: no MoELayer named {unknown!r}; the model's MoE layers are "
+                         f"{sorted(found)!r}.")
     if isinstance(max_r, bool) or not isinstance(max_r, int) or max_r < 0:
         raise ValueError(f"max_r must be an integer >= 0, got {max_r!r}.")
     for name in chosen:
         router = found[name].router
-        if max_r > min(router.top_k, router.num_experts - router.top_k):
+        largest = min(router.top_k, router.num_experts - router.top_k)
+        if max_r > largest:
             raise ValueError(f"max_r={max_r} is too large for layer {name!r} (K={router.top_k}, "
-                             f"E={router.num_experts}); use max_r <= {min(router.top_k, router.num_experts - router.top_k)}.")
+                             f"E={router.num_experts}); use max_r <= {largest}.")
     was_training = model.training
     model.eval()
     try:
@@ -95,7 +97,8 @@ def redundancy_probe(
         for name in chosen:
             curves[name] = [plain]
             for r in range(1, max_r + 1):
-                handle = found[name].router.register_forward_hook(lambda m, args, routing, r=r: mask_top_experts(routing, r))
+                hook = lambda m, args, routing, r=r: mask_top_experts(routing, r)  # noqa: E731 - bind r now
+                handle = found[name].router.register_forward_hook(hook)
                 try:
                     curves[name].append(float(loss_fn(model, batch)))
                 finally:

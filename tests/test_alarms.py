@@ -54,7 +54,8 @@ def fit(router=None, steps=12, module=MoELanguageModel, alarms=None, ckpt_path=N
                          default_root_dir=root, accelerator="cpu")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(module(**TINY, router=router, warmup_steps=1), datamodule=TinyLMData(batches=12), ckpt_path=ckpt_path)
+        model = module(**TINY, router=router, warmup_steps=1)
+        trainer.fit(model, datamodule=TinyLMData(batches=12), ckpt_path=ckpt_path)
     messages = [str(w.message) for w in record if "RoutingAlarms" in str(w.message)]
     return alarms, messages, trainer
 

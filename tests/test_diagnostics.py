@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.callbacks import CoActivationMonitor, LoadBalanceMonitor, MarginMonitor, RoutingAlarms, RoutingSummary
+from lightning_moe.callbacks import (
+    CoActivationMonitor,
+    LoadBalanceMonitor,
+    MarginMonitor,
+    RoutingAlarms,
+    RoutingSummary,
+    routing_summary,
+)
 from lightning_moe.diagnostics import mask_top_experts, redundancy_probe
 from lightning_moe.gating import Router, Routing
 from lightning_moe.layers import MoELayer
@@ -174,8 +181,6 @@ def test_summary_table_has_a_row_per_layer(fitted):
 
 
 def test_summary_reads_saturation_from_any_monitor():
-    from lightning_moe.callbacks import routing_summary
-
     class Consistency:  # another monitor, known only by its logged keys
         logged = {"train/consistency/l0/saturation": 0.25}
 

@@ -85,7 +85,8 @@ class RoutingAlarms(RoutingMonitor):
                  **monitor_kwargs: Any) -> None:
         check_positive_int("patience", patience)
         check_positive("min_grad_ratio", min_grad_ratio)
-        if isinstance(collapse_share, bool) or not isinstance(collapse_share, (int, float)) or not 0 < collapse_share < 1:
+        share_ok = isinstance(collapse_share, (int, float)) and not isinstance(collapse_share, bool)
+        if not share_ok or not 0 < collapse_share < 1:
             raise ValueError(f"collapse_share must be a number in (0, 1), got {collapse_share!r}; 0.5 means an "
                              "expert halfway from its uniform share to serving every token.")
         monitor_kwargs.setdefault("plots", False)
@@ -109,7 +110,8 @@ class RoutingAlarms(RoutingMonitor):
             return
         layer, tap = event.layer, self.tap_of(event)
         keep_TK = event.kept_TK(self.batch_mask_T(event, batch))
-        self.update_metric(stage, layer, "load", event.experts_TK.reshape(-1) if keep_TK is None else event.experts_TK[keep_TK])
+        experts_N = event.experts_TK.reshape(-1) if keep_TK is None else event.experts_TK[keep_TK]
+        self.update_metric(stage, layer, "load", experts_N)
         if event.mask_TK is None:
             self._top_k[layer] = event.experts_TK.shape[1]
         if isinstance(tap, MoELayerTap):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 
 from lightning_moe.adapters import RoutingEvent
@@ -45,7 +44,8 @@ class CoActivationMonitor(RoutingMonitor):
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         if event.experts_TK.shape[1] < 2:
             return
-        self.update_metric(stage, event.layer, "coact", event.experts_TK, event.kept_TK(self.batch_mask_T(event, batch)))
+        keep_TK = event.kept_TK(self.batch_mask_T(event, batch))
+        self.update_metric(stage, event.layer, "coact", event.experts_TK, keep_TK)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -57,7 +57,9 @@ class CoActivationMonitor(RoutingMonitor):
 
     def _plot(self, directory: Path) -> None:
         for stage, matrices in self.matrices.items():
-            made = new_figure(len(matrices), columns=min(2, len(matrices)), panel_size=(4.5, 3.6)) if matrices else None
+            if not matrices:
+                continue
+            made = new_figure(len(matrices), columns=min(2, len(matrices)), panel_size=(4.5, 3.6))
             if made is None:
                 continue
             fig, axes = made
@@ -104,7 +106,8 @@ class MarginMonitor(RoutingMonitor):
             self.add_metric(layer, "margin", partial(MarginHistogram, self.near_tie))
 
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
-        if event.scores_TE is None or event.mask_TK is not None or event.experts_TK.shape[1] >= event.scores_TE.shape[1]:
+        scores_TE = event.scores_TE
+        if scores_TE is None or event.mask_TK is not None or event.experts_TK.shape[1] >= scores_TE.shape[1]:
             return
         margins_T = decision_margins_T(event.scores_TE, event.experts_TK)
         self.update_metric(stage, event.layer, "margin", margins_T, event.kept_T(self.batch_mask_T(event, batch)))
@@ -119,7 +122,9 @@ class MarginMonitor(RoutingMonitor):
 
     def _plot(self, directory: Path) -> None:
         for stage, histograms in self.histograms.items():
-            made = new_figure(len(histograms), columns=min(2, len(histograms)), panel_size=(4.5, 2.6)) if histograms else None
+            if not histograms:
+                continue
+            made = new_figure(len(histograms), columns=min(2, len(histograms)), panel_size=(4.5, 2.6))
             if made is None:
                 continue
             fig, axes = made
