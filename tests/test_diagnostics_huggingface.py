@@ -106,3 +106,12 @@ def test_router_logits_that_are_already_probabilities(tmp_path):
         tap.router.register_forward_hook(lambda m, args, out: (torch.softmax(out[0], dim=-1), *out[1:]))
     fired, _ = fit_alarms(module, tmp_path)
     assert fired == {"softmaxed_logits": ["model"]}
+
+
+def test_detached_gate_gets_no_gradient(tmp_path):
+    module = HFModule("qwen3_moe", router_logits=True)
+    for tap in find_taps(module.model):  # a bug: the gate's outputs are cut from the graph
+        tap.router.register_forward_hook(lambda m, args, out: tuple(t.detach() for t in out))
+    alarms = RoutingAlarms(every_n_steps=1, patience=2)
+    trainer([alarms], tmp_path, steps=3).fit(module, batches(3))
+    assert alarms.fired["no_router_grad"] == LAYERS
