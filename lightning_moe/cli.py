@@ -33,6 +33,7 @@ class MoECLI(LightningCLI):
 COMMANDS: dict[str, str] = {
     "study": "lightning_moe.studies.cli:main",
     "params": "lightning_moe.params:main",
+    "probe": "lightning_moe.diagnostics:main",
 }
 
 

@@ -16,7 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 
-from lightning_moe.callbacks import LoadBalanceMonitor, RouterGeometryMonitor, SpecializationMonitor, TransitionMonitor
+from lightning_moe.callbacks import (
+    CoActivationMonitor,
+    LoadBalanceMonitor,
+    MarginMonitor,
+    RouterGeometryMonitor,
+    RoutingAlarms,
+    SpecializationMonitor,
+    TransitionMonitor,
+)
 from lightning_moe.modules.language_model import MoELanguageModel
 from tests.helpers import TinyLMData
 
@@ -36,9 +44,16 @@ def run(devices: int, root: str) -> dict[str, float]:
               "enable_checkpointing": False, "default_root_dir": root}
     fit_monitors = [LoadBalanceMonitor(every_n_steps=1), SpecializationMonitor(num_labels=2, every_n_steps=1),
                     RouterGeometryMonitor(coupling_tokens=8, every_n_steps=1),
-                    TransitionMonitor(num_labels=2, window=2, every_n_steps=1)]
+                    TransitionMonitor(num_labels=2, window=2, every_n_steps=1), CoActivationMonitor(every_n_steps=1),
+                    MarginMonitor(every_n_steps=1), RoutingAlarms(every_n_steps=1)]
     pl.Trainer(max_steps=2, limit_val_batches=0, callbacks=fit_monitors, **common).fit(tiny_model(), TinyLMData())
-    monitors = [LoadBalanceMonitor(), SpecializationMonitor(num_labels=2), TransitionMonitor(num_labels=2, window=2)]
+    # Each rank writes its alarm state: counters and flags must be identical on every rank.
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    alarms = fit_monitors[-1]
+    Path(root, f"alarms{rank}.json").write_text(json.dumps(
+        {"extra": alarms.state_dict()["extra"], "logged": alarms.logged}, sort_keys=True))
+    monitors = [LoadBalanceMonitor(), SpecializationMonitor(num_labels=2), TransitionMonitor(num_labels=2, window=2),
+                CoActivationMonitor(), MarginMonitor()]
     pl.Trainer(callbacks=list(monitors), **common).validate(tiny_model(), datamodule=TinyLMData())
     return {k: v for m in monitors for k, v in m.logged.items()}
 

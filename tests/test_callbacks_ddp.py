@@ -24,3 +24,5 @@ def test_two_process_validation_equals_one_process(tmp_path):
     assert ddp.keys() == single.keys() and len(ddp) > 40
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+    alarms = [json.loads((tmp_path / f"alarms{rank}.json").read_text()) for rank in (0, 1)]
+    assert alarms[0] == alarms[1] and alarms[0]["extra"]["first_dead"]  # the same counters and flags on both ranks

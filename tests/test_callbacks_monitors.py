@@ -57,7 +57,7 @@ def fitted(tmp_path_factory):
 
 
 def expected_keys() -> set[str]:
-    load = ["cv", "max_over_mean", "entropy", "dead_experts"]
+    load = ["cv", "max_over_mean", "entropy", "dead_experts", "p50", "p90", "p99"]
     spec = [f"{s}{v}" for v in ("", "_top1", "_soft") for s in ("mi", "nmi", "nmi_geometric", "purity_expert",
                                                                    "purity_class")]
     spec += ["token_specialization", "token_specialization_weighted"]
@@ -65,6 +65,7 @@ def expected_keys() -> set[str]:
     transition = [f"{s}{o}" for s in ("p_correct", "acc_correct", "k99", "coverage99") for o in offsets]
     keys = {f"train/load/{LAYER}/{k}" for k in load + ["maxvio", "maxvio_batch"]}
     keys |= {f"val/load/{LAYER}/{k}" for k in load + ["maxvio_global"]}
+    keys |= {f"{stage}/load/{k}" for stage in ("train", "val") for k in ("worst_layer_maxvio", "worst_layer")}
     keys |= {f"train/geometry/{LAYER}/{k}" for k in ("mean_cosine", "nn_cosine", "effective_rank", "common_energy")}
     for stage in ("train", "val"):
         keys |= {f"{stage}/spec/{LAYER}/{k}" for k in spec}

@@ -4,7 +4,9 @@ optimizer step, and result tables.
 The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
 """
 
+from lightning_moe.callbacks.alarms import ALARMS, RoutingAlarms
 from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor, coupling_metric_name
+from lightning_moe.callbacks.diagnostics import CoActivationMonitor, MarginMonitor
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
 from lightning_moe.callbacks.monitor import RoutingMonitor
@@ -12,18 +14,25 @@ from lightning_moe.callbacks.plots import matplotlib_available
 from lightning_moe.callbacks.results import ResultTable
 from lightning_moe.callbacks.router_state import RouterStateUpdate
 from lightning_moe.callbacks.specialization import SpecializationMonitor
+from lightning_moe.callbacks.summary import RoutingSummary, routing_summary
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
+    "ALARMS",
     "COUPLING_HEADLINE",
+    "CoActivationMonitor",
     "CouplingMonitor",
     "LoadBalanceMonitor",
+    "MarginMonitor",
     "ResultTable",
     "RouterGeometryMonitor",
     "RouterStateUpdate",
+    "RoutingAlarms",
     "RoutingMonitor",
+    "RoutingSummary",
     "SpecializationMonitor",
     "TransitionMonitor",
     "coupling_metric_name",
     "matplotlib_available",
+    "routing_summary",
 ]

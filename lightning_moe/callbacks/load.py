@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_moe.adapters import RoutingEvent
 from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
 from lightning_moe.callbacks.plots import heatmap, new_figure
-from lightning_moe.metrics.load import ExpertLoad
+from lightning_moe.metrics.load import ExpertLoad, load_percentiles
 
 
 class LoadBalanceMonitor(RoutingMonitor):
@@ -25,7 +25,10 @@ class LoadBalanceMonitor(RoutingMonitor):
     * training, over each window of ``every_n_steps`` steps: ``cv``, ``max_over_mean``, ``maxvio`` (of the
       window's summed counts), ``entropy`` (normalised), ``dead_experts``, and ``maxvio_batch`` — MaxVio of each
       training micro-batch (each rank's own batch under DDP), averaged over the window (Wang et al. 2024);
-    * validation, over the whole validation set: the same statistics with ``maxvio_global`` for MaxVio.
+    * validation, over the whole validation set: the same statistics with ``maxvio_global`` for MaxVio;
+    * both stages: ``p50``, ``p90``, ``p99`` of the expert loads as share x E (:func:`load_percentiles`), and,
+      across layers, ``<stage>/load/worst_layer_maxvio`` with ``<stage>/load/worst_layer`` (the layer's index in
+      module order; its name is kept in ``worst_layer[stage]``), so a mean over layers cannot hide one bad layer.
 
     Plot ``load_train.png``: per layer, each expert's share of the load x E (1 = uniform) at every logged window —
     collapse, recovery and dead experts at a glance.
@@ -40,6 +43,7 @@ class LoadBalanceMonitor(RoutingMonitor):
         super().__init__(**monitor_kwargs)
         self.history_steps: list[int] = []
         self.history_shares: dict[str, list[Tensor]] = {}  # layer -> one [E] load-share vector per logged window
+        self.worst_layer: dict[str, str] = {}  # stage -> name of the layer with the highest MaxVio last logged
 
     def _build(self, pl_module: pl.LightningModule) -> None:
         for layer, tap in self.taps.items():
@@ -58,12 +62,20 @@ class LoadBalanceMonitor(RoutingMonitor):
         for layer in layers:
             stats = self.metric(stage, layer, "load").compute()
             counts_E = stats.pop("counts_E")
+            stats.update(load_percentiles(counts_E))
             if stage == "train":
                 self.history_shares.setdefault(layer, []).append((counts_E / counts_E.sum()).float().cpu())
             else:
                 stats["maxvio_global"] = stats.pop("maxvio")
                 del stats["maxvio_batch"]  # validation batches are not training batches
             out.update({f"load/{layer}/{k}": v for k, v in stats.items()})
+        if layers:
+            maxvio_key = "maxvio" if stage == "train" else "maxvio_global"
+            maxvio_L = torch.stack([out[f"load/{layer}/{maxvio_key}"] for layer in layers])
+            worst = int(maxvio_L.argmax())
+            self.worst_layer[stage] = layers[worst]
+            out["load/worst_layer_maxvio"] = maxvio_L[worst]
+            out["load/worst_layer"] = torch.tensor(float(list(self.taps).index(layers[worst])))
         return out
 
     def _plot(self, directory: Path) -> None:
@@ -82,8 +94,10 @@ class LoadBalanceMonitor(RoutingMonitor):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"history_steps": list(self.history_steps),
-                "history_shares": {k: [t.clone() for t in v] for k, v in self.history_shares.items()}}
+                "history_shares": {k: [t.clone() for t in v] for k, v in self.history_shares.items()},
+                "worst_layer": dict(self.worst_layer)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.history_steps = list(state["history_steps"])
         self.history_shares = {k: [t.clone() for t in v] for k, v in state["history_shares"].items()}
+        self.worst_layer = dict(state.get("worst_layer", {}))  # absent in checkpoints of older versions

@@ -268,8 +268,9 @@ class RoutingMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._events.clear()
 
-    def _check_router_states(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn once when a stateful router's pending statistics were never applied (no ``update_router_states``)."""
+    def _check_router_states(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Warn once when a stateful router's pending statistics were never applied (no ``update_router_states``);
+        returns the stale routers' module paths (:class:`~lightning_moe.callbacks.RoutingAlarms` raises its flag)."""
         from lightning_moe.gating import Router  # here: the callbacks import the adapters, not the routers, at load
 
         stale = [
@@ -283,6 +284,7 @@ class RoutingMonitor(pl.Callback):
                 "Add lightning_moe.callbacks.RouterStateUpdate() to the Trainer's callbacks, or call "
                 "lightning_moe.update_router_states(model) before each optimizer step."
             )
+        return stale
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -5,7 +5,8 @@ Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP 
 
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, correlation_log10_p, coupling_stats
 from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
-from lightning_moe.metrics.load import ExpertLoad, load_stats
+from lightning_moe.metrics.diagnostics import CoActivation, MarginHistogram, decision_margins_T
+from lightning_moe.metrics.load import ExpertLoad, load_percentiles, load_stats
 from lightning_moe.metrics.specialization import (
     LabelSpecialization,
     TokenSpecialization,
@@ -18,16 +19,20 @@ from lightning_moe.metrics.transitions import TransitionRouting, experts_for_cov
 __all__ = [
     "COUPLING_RESPONSES",
     "COUPLING_SCORES",
+    "CoActivation",
     "ExpertLoad",
     "LabelSpecialization",
     "LayerCoupling",
+    "MarginHistogram",
     "ScoreActivationCoupling",
     "TokenSpecialization",
     "TransitionRouting",
     "conditional_entropy_C",
     "correlation_log10_p",
     "coupling_stats",
+    "decision_margins_T",
     "experts_for_coverage",
+    "load_percentiles",
     "load_stats",
     "mass_coverage_T",
     "rankdata",

@@ -39,6 +39,18 @@ def load_stats(counts_E: Tensor) -> dict[str, Tensor]:
     }
 
 
+def load_percentiles(counts_E: Tensor) -> dict[str, Tensor]:
+    """``p50``, ``p90``, ``p99`` of the per-expert loads as share x E (1 = uniform, E = one expert takes all),
+    with ``torch.quantile``'s linear interpolation between the E sorted loads."""
+    loads = counts_E.double()
+    total = loads.sum()
+    if total <= 0:
+        raise ValueError("no routed tokens were counted; update the metric with at least one routing decision.")
+    load_E = loads / total * loads.numel()
+    q = torch.quantile(load_E, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64, device=load_E.device))
+    return {"p50": q[0], "p90": q[1], "p99": q[2]}
+
+
 class ExpertLoad(Metric):
     """Per-expert assignment counts of one layer, accumulated over batches (e.g. a whole validation set).
 
