@@ -308,13 +308,13 @@ def _conditions(raw: Mapping[str, Any], root: Path, metrics: Mapping[str, str]) 
             Condition(f"{c.name},{p}" if base else p, merge_overrides(c.overrides, o), c.configs, None, c.description)
             for c in (base or [Condition("", {})]) for p, o in points
         ]
+        for c in base:  # named conditions were checked above; grid values make new names
+            if not _NAME.match(c.name):
+                raise StudyError(
+                    f"the grid makes a condition named {c.name!r}, which is not a usable folder name; use values of "
+                    f"letters, digits and _ . = + , - in grid, or named conditions for structured values."
+                )
     names = [c.name for c in base]
-    for n in names:
-        if not _NAME.match(n):
-            raise StudyError(
-                f"the grid makes a condition named {n!r}, which is not a usable folder name; use values of letters, "
-                f"digits and _ . = + , - in grid, or named conditions for structured values."
-            )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise StudyError(f"condition name(s) {dupes} appear more than once; give every condition its own name.")
