@@ -144,7 +144,8 @@ COMMANDS: dict[str, str] = {
 
 HELP_EPILOG = (
     "Other commands: `lightning-moe study run|report <study folder>` runs a study's grid and writes its report; "
-    "`lightning-moe params --config <recipe>` counts parameters and FLOPs. Add --help to either."
+    "`lightning-moe params --config <recipe>` counts parameters and FLOPs; `lightning-moe probe --config <recipe> "
+    "--ckpt_path <ckpt>` measures the loss as each token's top experts are disabled. Add --help to any."
 )
 
 

@@ -19,7 +19,7 @@ def test_help_lists_the_other_commands_and_our_entry_point_does_not_warn():
     done = subprocess.run([sys.executable, "-m", "lightning_moe", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0
-    assert "lightning-moe study run|report" in done.stdout and "lightning-moe params" in done.stdout
+    assert all(f"lightning-moe {command}" in done.stdout for command in ("study run|report", "params", "probe"))
     assert "args parameter" not in done.stderr
 
 
