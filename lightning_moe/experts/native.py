@@ -53,9 +53,21 @@ class ExpertWeights(nn.Module):
         if self.v1 is not None:
             nn.init.normal_(self.v1, std=self.d_model**-0.5)
 
+    def local(self, name: str) -> Tensor:
+        """The rows of weight ``name`` this rank holds, as a plain tensor: all ``[E*F, D]``, or this rank's
+        ``[E/P*F, D]`` slice under expert parallelism, where the parameter is a DTensor sharded on dim 0
+        (:func:`lightning_moe.parallel.shard_experts`). Differentiable: gradients reach the parameter."""
+        w = getattr(self, name)
+        return w.to_local() if hasattr(w, "to_local") else w
+
+    @property
+    def local_experts(self) -> int:
+        """Experts whose weights this rank holds: E, or E/P under expert parallelism."""
+        return self.local("w1").shape[0] // self.d_ff
+
     def per_expert(self, name: str) -> Tensor:
-        """A weight viewed as ``[E, F, D]``."""
-        return getattr(self, name).view(self.num_experts, self.d_ff, self.d_model)
+        """This rank's experts of a weight viewed as ``[E_local, F, D]``."""
+        return self.local(name).view(self.local_experts, self.d_ff, self.d_model)
 
 
 def _contiguous_grad(t: Tensor) -> Tensor:
@@ -130,7 +142,8 @@ class Experts(nn.Module):
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
         m = self.mlp
-        return m.w1.to(dtype), m.v1.to(dtype) if m.v1 is not None else None, m.w2.to(dtype)
+        v1 = m.local("v1").to(dtype) if m.v1 is not None else None
+        return m.local("w1").to(dtype), v1, m.local("w2").to(dtype)
 
     @torch.compiler.disable(reason="per-expert loop over host-side token counts; runs eagerly on CPU")
     def _fused_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -140,20 +153,22 @@ class Experts(nn.Module):
 
     def _sorted_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Dispatch (stable sort, gather) -> expert GEMMs -> combine (fp32 weighting, un-permute, sum over K)."""
-        x_ND, order_N, counts_E = self._dispatch(x_TD, routing)
+        x_ND, order_N, counts_E = self._dispatch(x_TD, routing, self.mlp.local_experts)
         if _grouped_mm_ok(x_ND, self.mlp.d_ff):
             y_ND = self._grouped(x_ND, counts_E)
         else:
             y_ND = self._loop(x_ND, counts_E)
         return self._combine(y_ND, order_N, routing)
 
-    def _dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    def _dispatch(self, x_TD: Tensor, routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` gathered into expert-sorted rows ``x_ND``, the sort ``order_N`` and ``counts_E`` (ids in
+        ``[0, num_experts)``)."""
         K = routing.experts_TK.shape[1]
         flat_N = routing.experts_TK.reshape(-1)
         # Stable sort keeps each expert's tokens in token order: the same row order as MegaBlocks, hence the
         # same floating-point summation order inside each expert GEMM.
         order_N = torch.argsort(flat_N, stable=True)
-        counts_E = torch.bincount(flat_N, minlength=self.num_experts)
+        counts_E = torch.bincount(flat_N, minlength=num_experts)
         return x_TD[order_N // K].to(_compute_dtype(x_TD)), order_N, counts_E
 
     def _combine(self, y_ND: Tensor, order_N: Tensor, routing: Routing) -> Tensor:

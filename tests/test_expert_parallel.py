@@ -1,0 +1,111 @@
+"""Expert parallelism on CPU with 2 and 4 gloo processes, against one process on the same global batch.
+
+Each rank routes its own share of the global batch; the experts are sharded over the expert-parallel ranks and
+the token copies travel by ``all_to_all``. What must not change: the layer's output and input gradients, every
+parameter's gradient (expert gradients summed over the ranks whose tokens reached them, then averaged like the
+rest), the aux losses, one optimizer step, and stateful router buffers (bit-identical on every rank). Loads are
+uneven, one expert never receives a token, and at P=4 one rank receives no row at all.
+
+Ranks are forked (they inherit this process's imports), as in tests/test_fsdp.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+from lightning_moe.gating import SigmoidTopK, SoftmaxTopK
+from lightning_moe.layers import MoELayer, update_router_states
+from lightning_moe.parallel import ExpertParallelExperts, expert_parallel_mesh, shard_experts
+
+E, D, F, B, S = 8, 8, 8, 4, 6
+ROUTERS = {
+    # Aux losses linear in the batch (z-loss is a token mean, the sequence balance loss a sequence mean), so the
+    # mean of the ranks' losses is the single process's loss, not another objective.
+    "softmax": lambda: SoftmaxTopK(load_balancing_weight=0.0, z_loss_weight=1e-2),
+    "sigmoid": lambda: SigmoidTopK(bias_update_rate=1e-2, sequence_balance_weight=1e-2),
+}
+
+
+def _layer(router: str) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(D, F, E, top_k=2, router=ROUTERS[router]())
+    with torch.no_grad():
+        # Experts 6 and 7 are never chosen: an empty expert, and at P=4 a rank (owning 6 and 7) with no row.
+        layer.router.layer.weight[6:] = 0
+        layer.router.layer.weight[6:, 0] = -50
+    return layer.train()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x_BSD = torch.randn(B, S, D, generator=g)
+    x_BSD[..., 0] = x_BSD[..., 0].abs() + 0.5  # keeps experts 6 and 7 far below the others
+    return x_BSD, torch.randn(B, S, D, generator=g)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _step(layer: MoELayer, x_BSD: torch.Tensor, g_BSD: torch.Tensor, world: int) -> dict:
+    """Forward, backward of a mean loss, gradients averaged over ranks (FSDP2's job for the non-expert ones),
+    one SGD step and one router-state update; everything returned as full tensors."""
+    x_BSD = x_BSD.clone().requires_grad_()
+    y_BSD = layer(x_BSD)
+    loss = (y_BSD * g_BSD).sum(-1).mean() + layer.aux_loss
+    loss.backward()
+    for p in layer.parameters():
+        if not isinstance(layer.experts, ExpertParallelExperts) or p not in set(layer.experts.parameters()):
+            if world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    out = {"y": y_BSD.detach(), "x_grad": x_BSD.grad, "aux": {k: v.detach() for k, v in layer.aux_losses.items()},
+           "counts_E": layer.routing.expert_counts(E),
+           "grads": {n: _full(p.grad).clone() for n, p in layer.named_parameters()}}
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    update_router_states(layer)
+    out["state"] = {n: _full(t).clone() for n, t in layer.state_dict().items()}
+    return out
+
+
+def _ep_rank(rank: int, world: int, port: int, router: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layer = _layer(router)
+        sharded = shard_experts(layer, expert_parallel_mesh(world, world))
+        assert len(sharded) == 3 and layer.experts.mlp.local("w1").shape == (E // world * F, D)
+        x_BSD, g_BSD = (t.chunk(world)[rank] for t in _batch())
+        torch.save(_step(layer, x_BSD, g_BSD, world), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_layer_matches_one_process(router, world, tmp_path):
+    torch.multiprocessing.start_processes(_ep_rank, args=(world, find_free_network_port(), router, tmp_path),
+                                          nprocs=world, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    single = _step(_layer(router), *_batch(), world=1)
+    assert (single["counts_E"][6:] == 0).all() and single["counts_E"].max() > 2 * single["counts_E"].min()
+    cat = lambda key: torch.cat([r[key] for r in ranks])  # noqa: E731
+    torch.testing.assert_close(cat("y"), single["y"], rtol=1e-5, atol=1e-6)
+    # The loss is the mean of the ranks' local means, so each token's input gradient carries 1 / world more.
+    torch.testing.assert_close(cat("x_grad") / world, single["x_grad"], rtol=1e-5, atol=1e-7)
+    assert ranks[0]["aux"].keys() == single["aux"].keys() and single["aux"]
+    for k, v in single["aux"].items():
+        torch.testing.assert_close(torch.stack([r["aux"][k] for r in ranks]).mean(), v, rtol=1e-5, atol=1e-7)
+    for key in ("grads", "state"):
+        for name, want in single[key].items():
+            for r in ranks:
+                if name.endswith("expert_bias"):
+                    assert torch.equal(r[key][name], want), name
+                torch.testing.assert_close(r[key][name], want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(single["state"]["router.expert_bias"], torch.zeros(E)) if router == "sigmoid" else True
