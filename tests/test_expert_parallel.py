@@ -17,10 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lightning_moe.callbacks import LoadBalanceMonitor
 from lightning_moe.gating import SigmoidTopK, SoftmaxTopK
 from lightning_moe.layers import MoELayer, update_router_states
 from lightning_moe.parallel import ExpertParallelExperts, expert_parallel_mesh, shard_experts
+from tests.test_ddp_lm import assert_matches_single_process, assert_ranks_identical, outcomes, train
 
 E, D, F, B, S = 8, 8, 8, 4, 6
 ROUTERS = {
@@ -109,3 +112,48 @@ def test_layer_matches_one_process(router, world, tmp_path):
                     assert torch.equal(r[key][name], want), name
                 torch.testing.assert_close(r[key][name], want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert not torch.equal(single["state"]["router.expert_bias"], torch.zeros(E)) if router == "sigmoid" else True
+
+
+# ------------------------------------------------------------------------------ through Lightning
+GLOBAL_BATCH = 8
+
+
+def _monitors() -> list:
+    return [LoadBalanceMonitor(every_n_steps=2)]
+
+
+def _lm_rank(rank: int, world: int, port: int, out, ep: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank))
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    train("sigmoid", out, devices=world, strategy=strategy, batch_size=GLOBAL_BATCH // world, callbacks=_monitors(),
+          expert_parallel_size=ep)
+
+
+def _launch(world: int, out, ep: int) -> None:
+    torch.multiprocessing.start_processes(_lm_rank, args=(world, find_free_network_port(), out, ep), nprocs=world,
+                                          start_method="fork")
+
+
+@pytest.fixture(scope="module")
+def single_lm(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single")
+    train("sigmoid", out, batch_size=GLOBAL_BATCH, callbacks=_monitors())
+    return outcomes(out)[0]
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2), (4, 4)], ids=["ep2", "dp2xep2", "ep4"])
+def test_training_matches_one_process(world, ep, single_lm, tmp_path):
+    """MoELanguageModel(expert_parallel_size=ep) under ModelParallelStrategy: experts sharded over ep ranks,
+    FSDP2 on the rest over all ranks; losses, parameters after 4 AdamW steps and the sign-rule bias
+    (bit-identical) equal one process's on the same global batches; the load monitor logs the same numbers as
+    the same ranks without expert parallelism (its per-micro-batch MaxVio is each rank's own batch's)."""
+    _launch(world, tmp_path / "ep", ep)
+    _launch(world, tmp_path / "fsdp", 1)
+    ranks, fsdp = outcomes(tmp_path / "ep", world), outcomes(tmp_path / "fsdp", world)
+    assert ranks[0]["sharded"]
+    assert_ranks_identical(ranks)
+    assert_matches_single_process(ranks, single_lm)
+    assert fsdp[0]["monitors"] and ranks[0]["monitors"].keys() == fsdp[0]["monitors"].keys()
+    for key, value in fsdp[0]["monitors"].items():
+        assert ranks[0]["monitors"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key

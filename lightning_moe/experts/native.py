@@ -60,14 +60,14 @@ class ExpertWeights(nn.Module):
         w = getattr(self, name)
         return w.to_local() if hasattr(w, "to_local") else w
 
+    def per_expert(self, name: str) -> Tensor:
+        """A weight viewed as ``[E, F, D]`` (a DTensor view of all E under expert parallelism)."""
+        return getattr(self, name).view(self.num_experts, self.d_ff, self.d_model)
+
     @property
     def local_experts(self) -> int:
         """Experts whose weights this rank holds: E, or E/P under expert parallelism."""
         return self.local("w1").shape[0] // self.d_ff
-
-    def per_expert(self, name: str) -> Tensor:
-        """This rank's experts of a weight viewed as ``[E_local, F, D]``."""
-        return self.local(name).view(self.local_experts, self.d_ff, self.d_model)
 
 
 def _contiguous_grad(t: Tensor) -> Tensor:
@@ -140,10 +140,15 @@ class Experts(nn.Module):
             return self._fused_forward(x_TD, routing)
         return self._sorted_forward(x_TD, routing)
 
+    def _local_weight(self, name: str) -> Tensor:
+        """This rank's rows of ``w1``/``v1``/``w2`` (:meth:`ExpertWeights.local`), where expert parallelism adds
+        its gradient reduction."""
+        return self.mlp.local(name)
+
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-        m = self.mlp
-        v1 = m.local("v1").to(dtype) if m.v1 is not None else None
-        return m.local("w1").to(dtype), v1, m.local("w2").to(dtype)
+        """``w1``, ``v1`` (None without GLU), ``w2`` as ``[E_local*F, D]`` in the compute dtype."""
+        v1 = self._local_weight("v1").to(dtype) if self.mlp.v1 is not None else None
+        return self._local_weight("w1").to(dtype), v1, self._local_weight("w2").to(dtype)
 
     @torch.compiler.disable(reason="per-expert loop over host-side token counts; runs eagerly on CPU")
     def _fused_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -180,22 +185,24 @@ class Experts(nn.Module):
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         return y_ND[inverse_N].view(T, K, -1).sum(dim=1)
 
+    def _per_expert(self, dtype: torch.dtype) -> list[Tensor | None]:
+        """:meth:`_weights` viewed as ``[E_local, F, D]``."""
+        m = self.mlp
+        return [w.view(-1, m.d_ff, m.d_model) if w is not None else None for w in self._weights(dtype)]
+
     def _grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        dtype = x_ND.dtype
+        w1, v1, w2 = self._per_expert(x_ND.dtype)
 
-        def mm(a: Tensor, name: str, transpose: bool) -> Tensor:
-            w_EFD = self.mlp.per_expert(name).to(dtype)
+        def mm(a: Tensor, w_EFD: Tensor, transpose: bool) -> Tensor:
             return _contiguous_grad(F.grouped_mm(a, w_EFD.transpose(-2, -1) if transpose else w_EFD, offs=offs_E))
 
-        v = mm(x_ND, "v1", True) if self.mlp.v1 is not None else None
-        h_NF = expert_activation(mm(x_ND, "w1", True), v)
-        return mm(h_NF, "w2", False)
+        v = mm(x_ND, v1, True) if v1 is not None else None
+        h_NF = expert_activation(mm(x_ND, w1, True), v)
+        return mm(h_NF, w2, False)
 
     def _loop(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
-        dtype = x_ND.dtype
-        w1, w2 = self.mlp.per_expert("w1").to(dtype), self.mlp.per_expert("w2").to(dtype)
-        v1 = self.mlp.per_expert("v1").to(dtype) if self.mlp.v1 is not None else None
+        w1, v1, w2 = self._per_expert(x_ND.dtype)
         outs = []
         # Reads the counts on the host (one sync per layer): only CUDA setups without grouped_mm kernels
         # (fp32, or pre-Hopper GPUs) come here.

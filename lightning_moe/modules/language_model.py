@@ -16,6 +16,7 @@ from lightning_moe.gating.base import Router
 from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
+from lightning_moe.parallel import check_expert_parallel, expert_parallel_mesh, shard_experts
 from lightning_moe.utils import check_non_negative, check_positive
 
 LN2 = math.log(2)
@@ -58,9 +59,13 @@ class MoELanguageModel(pl.LightningModule):
     ``val/load_entropy`` and ``val/dead_experts`` (total over layers). With byte-level data, bits per token is
     bits per byte.
 
-    Model args are those of :class:`MoETransformer`; optimiser args:
+    Model args are those of :class:`MoETransformer`; parallelism and optimiser args:
 
     Args:
+        expert_parallel_size: P, the number of ranks that share each layer's experts (E/P each; see
+            :mod:`lightning_moe.parallel`). 1 = every rank holds every expert. P > 1 needs Lightning's
+            ``ModelParallelStrategy`` (``tensor_parallel_size=1``), ``backend='native'``, P dividing
+            ``num_experts`` and the number of processes; the other parameters are sharded by FSDP2 over all ranks.
         lr: peak AdamW learning rate.
         weight_decay: decoupled weight decay on matrices (norms and embeddings are not decayed).
         warmup_steps: linear warmup steps before the cosine decay.
@@ -85,6 +90,7 @@ class MoELanguageModel(pl.LightningModule):
         backend: Backend = "native",
         shared_d_ff: int = 0,
         max_seq_len: int = 512,
+        expert_parallel_size: int = 1,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
@@ -96,6 +102,7 @@ class MoELanguageModel(pl.LightningModule):
         check_non_negative("warmup_steps", warmup_steps)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}.")
+        check_expert_parallel(num_experts, backend, expert_parallel_size)
         if isinstance(router, dict):  # from a checkpoint's hyper-parameters (see below)
             router = Router.from_config(router)
         self.save_hyperparameters(ignore=["router"])
@@ -131,13 +138,22 @@ class MoELanguageModel(pl.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each block, then the rest (embedding, final
-        norm, head), over the data-parallel mesh; other strategies leave the model as it is.
+        norm, head), over the data-parallel mesh; other strategies leave the model as it is. With
+        ``expert_parallel_size`` P > 1 the experts are first sharded over groups of P ranks
+        (:func:`lightning_moe.parallel.shard_experts`) and left out of FSDP2, which shards everything else.
 
         Router buffers are not sharded (FSDP2 replicates buffers) and their updates are summed over all ranks, as
         under DDP, so every rank must be a data-parallel rank: tensor parallelism is refused.
         """
         mesh = self.device_mesh
+        P = self.hparams.expert_parallel_size
         if mesh is None:  # not ModelParallelStrategy
+            if P > 1:
+                raise ValueError(
+                    f"expert_parallel_size={P} needs Lightning's ModelParallelStrategy, whose device mesh the "
+                    "experts are sharded over; use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+                    "tensor_parallel_size=1)) with N processes, or expert_parallel_size=1."
+                )
             return
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -146,13 +162,15 @@ class MoELanguageModel(pl.LightningModule):
         tp = mesh["tensor_parallel"].size()
         if tp > 1:
             raise ValueError(
-                f"MoELanguageModel supports ModelParallelStrategy for FSDP2 data parallelism only, got "
-                f"tensor_parallel_size={tp}; use ModelParallelStrategy(data_parallel_size={mesh.size()}, "
-                "tensor_parallel_size=1)."
+                f"MoELanguageModel supports ModelParallelStrategy for FSDP2 data parallelism (and expert "
+                f"parallelism) only, got tensor_parallel_size={tp}; use ModelParallelStrategy("
+                f"data_parallel_size={mesh.size()}, tensor_parallel_size=1)."
             )
+        dp = mesh["data_parallel"]
+        experts = shard_experts(self.model, expert_parallel_mesh(dp.size(), P, dp.device_type)) if P > 1 else set()
         for block in self.model.blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+            fully_shard(block, mesh=dp, ignored_params=experts)
+        fully_shard(self.model, mesh=dp, ignored_params=experts)
 
     def forward(self, tokens_BS: Tensor) -> Tensor:
         return self.model(tokens_BS)

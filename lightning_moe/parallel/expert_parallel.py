@@ -17,7 +17,9 @@ whatever P, and loads at any other P.
 Gradients: a rank's local experts receive gradients from the tokens of every rank of its expert-parallel group.
 To match FSDP2 on the other parameters (the mean of every rank's gradient, so a per-rank mean loss gives the
 gradient of the global mean), expert gradients are summed over the expert's replicas (the
-``expert_data_parallel`` mesh dimension) and divided by the world size, once per backward.
+``expert_data_parallel`` mesh dimension) and divided by the world size, once per backward. This happens inside
+the autograd graph (:class:`_ExpertGrad`), not in parameter hooks, which are lost where a module move replaces
+the parameter objects (as Lightning's strategy setup does with DTensors).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_moe.experts.native import Experts
@@ -66,6 +67,43 @@ def expert_parallel_mesh(world_size: int, expert_parallel_size: int, device_type
                             mesh_dim_names=EP_DIMS)
 
 
+def _exchange(x_ND: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> Tensor:
+    out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
+    dist.all_to_all_single(out, x_ND.contiguous(), recv, send, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to other ranks with uneven splits (``send[j]`` rows to rank j, ``recv[j]`` from it); backward sends
+    the gradients back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx, x_ND, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x_ND, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        return _exchange(g_MD, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+class _ExpertGrad(torch.autograd.Function):
+    """Identity on a local expert weight; backward sums its gradient over the expert's replicas and divides by
+    the world size (FSDP2's mean over all ranks for the other parameters)."""
+
+    @staticmethod
+    def forward(ctx, w, replica_group, replicas, world):
+        ctx.replica_group, ctx.replicas, ctx.world = replica_group, replicas, world
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g / ctx.world  # a new tensor: the incoming gradient is not ours to change in place
+        if ctx.replicas > 1:
+            dist.all_reduce(g, group=ctx.replica_group)
+        return g, None, None, None
+
+
 class ExpertParallelExperts(Experts):
     """:class:`Experts` whose weights are sharded over an expert-parallel mesh dimension (see the module
     docstring). Built by :func:`shard_experts` from a module's ``Experts``; ``num_experts`` stays E.
@@ -92,19 +130,14 @@ class ExpertParallelExperts(Experts):
         self._replica_group = mesh["expert_data_parallel"].get_group()
         self._replicas = mesh["expert_data_parallel"].size()
         self._world = mesh.size()
-        for p in self.parameters():
-            p.register_post_accumulate_grad_hook(self._reduce_grad)
 
     @property
     def num_experts(self) -> int:
         return self.mlp.num_experts
 
-    def _reduce_grad(self, p: Tensor) -> None:
-        # Sum over the replicas of these experts, divide by the world: FSDP2's mean over all ranks.
-        g = p.grad.to_local()
-        if self._replicas > 1:
-            dist.all_reduce(g, group=self._replica_group)
-        g.div_(self._world)
+    def _local_weight(self, name: str) -> Tensor:
+        # Before any cast to the compute dtype: gradients are reduced in the parameters' dtype.
+        return _ExpertGrad.apply(super()._local_weight(name), self._replica_group, self._replicas, self._world)
 
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         P, L = self.ep_size, self.mlp.local_experts
@@ -116,7 +149,7 @@ class ExpertParallelExperts(Experts):
         # gloo alike), so the layer waits for the count exchange here. 2P + P*L numbers in one read.
         sizes = torch.cat([counts_E.view(P, L).sum(1), recv_PL.sum(1), recv_PL.reshape(-1)]).tolist()
         send, recv, recv_counts = sizes[:P], sizes[P : 2 * P], sizes[2 * P :]
-        x_MD = all_to_all_single(x_ND.new_empty(sum(recv), x_ND.shape[1]), x_ND, recv, send, group=self._ep_group)
+        x_MD = _AllToAll.apply(x_ND, send, recv, self._ep_group)
         # Received rows come by source rank, each source's block sorted by local expert.
         local_M = torch.repeat_interleave(
             torch.arange(L, device=x_TD.device).repeat(P),
@@ -130,7 +163,7 @@ class ExpertParallelExperts(Experts):
         # Called even with no row received (M = 0): the local experts then get zero gradients, and every rank
         # takes part in the gradient reduction of _reduce_grad.
         y_MD = super().forward(x_MD, local)
-        y_ND = all_to_all_single(y_MD.new_empty(x_ND.shape), y_MD, send, recv, group=self._ep_group)
+        y_ND = _AllToAll.apply(y_MD, recv, send, self._ep_group)
         return self._combine(y_ND, order_N, routing)
 
     def extra_repr(self) -> str:
