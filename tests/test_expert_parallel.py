@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,3 +158,78 @@ def test_training_matches_one_process(world, ep, single_lm, tmp_path):
     assert fsdp[0]["monitors"] and ranks[0]["monitors"].keys() == fsdp[0]["monitors"].keys()
     for key, value in fsdp[0]["monitors"].items():
         assert ranks[0]["monitors"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+# ------------------------------------------------------------------------------ checkpoints in one layout
+class StartState(pl.Callback):
+    """Each rank writes the full state it starts training from (after a checkpoint was restored)."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.out / f"start{trainer.global_rank}.pt")
+
+
+def _resume_rank(rank: int, world: int, port: int, out, ep: int, steps: int, ckpt_in, ckpt_out, dcp: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank))
+    # dcp=False: one checkpoint file with the full (gathered) state, the layout of a single process; True: a
+    # torch.distributed.checkpoint folder of shards.
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=dcp)
+    _resume(out, world, strategy, ep, steps, ckpt_in, ckpt_out)
+
+
+def _resume(out, world, strategy, ep, steps, ckpt_in, ckpt_out) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = train("sigmoid", out, devices=world, strategy=strategy, batch_size=GLOBAL_BATCH // world,
+                    callbacks=[StartState(out)], ckpt_path=ckpt_in, steps=steps, expert_parallel_size=ep)
+    if ckpt_out is not None:
+        trainer.save_checkpoint(ckpt_out)
+
+
+def _run(out, world: int, ep: int, steps: int, ckpt_in=None, ckpt_out=None, dcp: bool = False) -> None:
+    if world == 1:
+        _resume(out, 1, "auto", 1, steps, ckpt_in, ckpt_out)
+        return
+    torch.multiprocessing.start_processes(
+        _resume_rank, args=(world, find_free_network_port(), out, ep, steps, ckpt_in, ckpt_out, dcp), nprocs=world,
+        start_method="fork",
+    )
+
+
+def _assert_states_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_checkpoints_move_between_expert_parallel_sizes(tmp_path):
+    """P=2 writes a checkpoint, one process (P=1) resumes from it and writes another, P=4 resumes from that:
+    every run starts from exactly the parameters (and router buffers) the previous one saved, under the same names
+    and shapes (experts.mlp.w1 [E*F, D]), and P=4 continues exactly as one process resuming the same checkpoint."""
+    _run(tmp_path / "p2", world=2, ep=2, steps=2, ckpt_out=tmp_path / "p2.ckpt")
+    _run(tmp_path / "p1", world=1, ep=1, steps=4, ckpt_in=tmp_path / "p2.ckpt", ckpt_out=tmp_path / "p1.ckpt")
+    _run(tmp_path / "p4", world=4, ep=4, steps=6, ckpt_in=tmp_path / "p1.ckpt")
+    _run(tmp_path / "p1_again", world=1, ep=1, steps=6, ckpt_in=tmp_path / "p1.ckpt")
+    (p2,), (p1,), p4 = outcomes(tmp_path / "p2", 1), outcomes(tmp_path / "p1"), outcomes(tmp_path / "p4", 4)
+    (p1_again,) = outcomes(tmp_path / "p1_again")
+    assert p2["state"]["model.blocks.0.ffn.experts.mlp.w1"].shape == (4 * 16, 16)
+    _assert_states_equal(torch.load(tmp_path / "p1" / "start0.pt"), p2["state"])
+    for r in range(4):
+        _assert_states_equal(torch.load(tmp_path / "p4" / f"start{r}.pt"), p1["state"])
+    assert len(p4[0]["losses"]) == 2
+    assert_ranks_identical(p4)
+    assert_matches_single_process(p4, p1_again)
+
+
+def test_distributed_checkpoints_reshard_between_expert_parallel_sizes(tmp_path):
+    """A torch.distributed.checkpoint folder of shards written at P=2 resumes at P=4 from the same full
+    parameters and router buffers."""
+    _run(tmp_path / "p2", world=2, ep=2, steps=2, ckpt_out=tmp_path / "p2_dcp", dcp=True)
+    _run(tmp_path / "p4", world=4, ep=4, steps=3, ckpt_in=tmp_path / "p2_dcp")
+    (p2,) = outcomes(tmp_path / "p2", 1)
+    assert (tmp_path / "p2_dcp").is_dir()
+    for r in range(4):
+        _assert_states_equal(torch.load(tmp_path / "p4" / f"start{r}.pt"), p2["state"])

@@ -172,6 +172,23 @@ class MoELanguageModel(pl.LightningModule):
             fully_shard(block, mesh=dp, ignored_params=experts)
         fully_shard(self.model, mesh=dp, ignored_params=experts)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Key the optimizer state by parameter position in ``self.parameters()``, as ModelParallelStrategy writes
+        it, so a checkpoint of one process (or DDP) resumes under ModelParallelStrategy at any
+        ``expert_parallel_size``: Lightning maps integer keys to parameter names by that position there, while a
+        plain ``optimizer.state_dict()`` numbers the parameters group by group (decay, then no decay).
+        ``Optimizer.load_state_dict`` reads keys only as labels matched group by group, so either numbering
+        restores in one process."""
+        if self.device_mesh is not None:  # ModelParallelStrategy has keyed it already
+            return
+        position = {id(p): i for i, p in enumerate(self.parameters())}
+        for optimizer, state in zip(self.trainer.optimizers, checkpoint.get("optimizer_states", [])):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            key = {j: position[id(p)] for j, p in enumerate(params)}
+            state["state"] = {key[j]: v for j, v in state["state"].items()}
+            for group in state["param_groups"]:
+                group["params"] = [key[j] for j in group["params"]]
+
     def forward(self, tokens_BS: Tensor) -> Tensor:
         return self.model(tokens_BS)
 
