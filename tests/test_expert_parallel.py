@@ -21,9 +21,11 @@ from lightning.fabric.plugins.environments.lightning import find_free_network_po
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_moe.callbacks import LoadBalanceMonitor
-from lightning_moe.gating import SigmoidTopK, SoftmaxTopK
+from lightning_moe.gating import ExpertChoice, KMeansRouter, SigmoidTopK, SoftmaxTopK, TransitionRouter
 from lightning_moe.layers import MoELayer, update_router_states
+from lightning_moe.modules import MoELanguageModel
 from lightning_moe.parallel import ExpertParallelExperts, expert_parallel_mesh, shard_experts
+from tests.helpers import TINY
 from tests.test_ddp_lm import assert_matches_single_process, assert_ranks_identical, outcomes, train
 
 E, D, F, B, S = 8, 8, 8, 4, 6
@@ -233,3 +235,62 @@ def test_distributed_checkpoints_reshard_between_expert_parallel_sizes(tmp_path)
     assert (tmp_path / "p2_dcp").is_dir()
     for r in range(4):
         _assert_states_equal(torch.load(tmp_path / "p4" / f"start{r}.pt"), p2["state"])
+
+
+# ------------------------------------------------------------------------------ every router, and refusals
+EVERY_ROUTER = {
+    "expert_choice": lambda: ExpertChoice(),
+    "kmeans": lambda: KMeansRouter(),
+    "transition": lambda: TransitionRouter(),
+}
+
+
+def _router_rank(rank: int, world: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, make in EVERY_ROUTER.items():
+            torch.manual_seed(0)
+            layer = MoELayer(D, F, E, top_k=2, router=make())
+            shard_experts(layer, expert_parallel_mesh(world, world))
+            x_BSD = _batch()[0].chunk(world)[rank].clone().requires_grad_()
+            y_BSD = layer(x_BSD)
+            y_BSD.square().sum().backward()
+            update_router_states(layer)
+            results[name] = (y_BSD.detach(), x_BSD.grad)
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_router_runs_under_expert_parallelism(tmp_path):
+    """Expert choice (batch-dependent, padded slots), k-means and transition routers: each rank's output and input
+    gradient under P=2 are those of one process applying the layer to that rank's tokens."""
+    world = 2
+    torch.multiprocessing.start_processes(_router_rank, args=(world, find_free_network_port(), tmp_path),
+                                          nprocs=world, start_method="fork")
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, make in EVERY_ROUTER.items():
+            torch.manual_seed(0)
+            layer = MoELayer(D, F, E, top_k=2, router=make())
+            x_BSD = _batch()[0].chunk(world)[rank].clone().requires_grad_()
+            y_BSD = layer(x_BSD)
+            y_BSD.square().sum().backward()
+            torch.testing.assert_close(got[name][0], y_BSD.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[name][1], x_BSD.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unsupported_settings_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by expert_parallel_size=3.*divides 4"):
+        MoELanguageModel(**TINY, expert_parallel_size=3)
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 needs backend='native', got backend='megablocks'"):
+        MoELanguageModel(**TINY, backend="megablocks", expert_parallel_size=2)
+    with pytest.raises(ValueError, match=r"expert_parallel_size must be > 0"):
+        MoELanguageModel(**TINY, expert_parallel_size=0)
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by expert_parallel_size=4"):
+        expert_parallel_mesh(6, 4)
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 needs Lightning's ModelParallelStrategy"):
+        MoELanguageModel(**TINY, expert_parallel_size=2).configure_model()

@@ -32,14 +32,14 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_moe.experts.native import Experts
 from lightning_moe.gating.base import Routing
+from lightning_moe.utils import check_positive_int
 
 EP_DIMS = ("expert_data_parallel", "expert_parallel")
 
 
 def check_expert_parallel(num_experts: int, backend: str, expert_parallel_size: int) -> None:
     """Refuse, before anything is built, what expert parallelism does not support."""
-    if isinstance(expert_parallel_size, bool) or not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
-        raise TypeError(f"expert_parallel_size must be a positive integer, got {expert_parallel_size!r}.")
+    check_positive_int("expert_parallel_size", expert_parallel_size)
     if expert_parallel_size == 1:
         return
     if num_experts % expert_parallel_size:
