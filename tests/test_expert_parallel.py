@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments.lightning import find_free_network_po
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_moe.callbacks import LoadBalanceMonitor
+from lightning_moe.experts import Experts
 from lightning_moe.gating import ExpertChoice, KMeansRouter, SigmoidTopK, SoftmaxTopK, TransitionRouter
 from lightning_moe.layers import MoELayer, update_router_states
 from lightning_moe.modules import MoELanguageModel
@@ -79,9 +80,16 @@ def _step(layer: MoELayer, x_BSD: torch.Tensor, g_BSD: torch.Tensor, world: int)
     return out
 
 
-def _ep_rank(rank: int, world: int, port: int, router: str, out) -> None:
+def _use_path(path: str) -> None:
+    """``sorted``: run the sort + grouped GEMM path (CUDA's) on CPU too, instead of the fused CPU loop."""
+    if path == "sorted":
+        Experts._fused_forward = Experts._sorted_forward
+
+
+def _ep_rank(rank: int, world: int, port: int, router: str, out, path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    _use_path(path)  # a forked child: the change dies with it
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         layer = _layer(router)
@@ -93,12 +101,16 @@ def _ep_rank(rank: int, world: int, port: int, router: str, out) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_layer_matches_one_process(router, world, tmp_path):
-    torch.multiprocessing.start_processes(_ep_rank, args=(world, find_free_network_port(), router, tmp_path),
+@pytest.mark.parametrize(("router", "world", "path"), [
+    ("softmax", 2, "fused"), ("softmax", 4, "fused"), ("sigmoid", 2, "fused"), ("sigmoid", 4, "fused"),
+    ("sigmoid", 4, "sorted"),
+])
+def test_layer_matches_one_process(router, world, path, tmp_path, monkeypatch):
+    torch.multiprocessing.start_processes(_ep_rank, args=(world, find_free_network_port(), router, tmp_path, path),
                                           nprocs=world, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    if path == "sorted":
+        monkeypatch.setattr(Experts, "_fused_forward", Experts._sorted_forward)
     single = _step(_layer(router), *_batch(), world=1)
     assert (single["counts_E"][6:] == 0).all() and single["counts_E"].max() > 2 * single["counts_E"].min()
     cat = lambda key: torch.cat([r[key] for r in ranks])  # noqa: E731
