@@ -92,7 +92,8 @@ def assert_matches_single_process(ranks: list[dict], single: dict, atol: float =
     for key, value in single["state"].items():
         if key.endswith("expert_bias"):
             assert torch.equal(ranks[0]["state"][key], value), f"{key} differs from the single process's"
-        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=atol,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))

@@ -183,7 +183,8 @@ class Experts(nn.Module):
         y_ND = (y_ND.float() * w_N.float().unsqueeze(-1)).to(y_ND.dtype)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return y_ND[inverse_N].view(T, K, y_ND.shape[-1]).sum(dim=1)  # D explicit: T is 0 on an expert-parallel rank that receives no row
+        # D spelled out: T is 0 on an expert-parallel rank that receives no row, and -1 cannot be inferred then.
+        return y_ND[inverse_N].view(T, K, y_ND.shape[-1]).sum(dim=1)
 
     def _per_expert(self, dtype: torch.dtype) -> list[Tensor | None]:
         """:meth:`_weights` viewed as ``[E_local, F, D]``."""
