@@ -58,14 +58,15 @@ class SaveOutcome(pl.Callback):
 
 
 def train(router: str, out, devices: int = 1, strategy="auto", batch_size: int = 4, callbacks=(), ckpt_path=None,
-          steps: int = STEPS, **model_kwargs) -> pl.Trainer:
+          steps: int = STEPS, gradient_clip_val: float | None = None, **model_kwargs) -> pl.Trainer:
     """Train ``steps`` steps (in all, counting a resumed checkpoint's); every rank saves its outcome into ``out``
     (see :func:`outcomes`)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[SaveOutcome(out), *callbacks], default_root_dir=out)
+                         limit_val_batches=0, callbacks=[SaveOutcome(out), *callbacks], default_root_dir=out,
+                         gradient_clip_val=gradient_clip_val)
     trainer.fit(tiny_lm(router, **model_kwargs), datamodule=tiny_data(batch_size), ckpt_path=ckpt_path)
     return trainer
 

@@ -25,7 +25,7 @@ from lightning_moe.experts import Experts
 from lightning_moe.gating import ExpertChoice, KMeansRouter, SigmoidTopK, SoftmaxTopK, TransitionRouter
 from lightning_moe.layers import MoELayer, update_router_states
 from lightning_moe.modules import MoELanguageModel
-from lightning_moe.parallel import ExpertParallelExperts, expert_parallel_mesh, shard_experts
+from lightning_moe.parallel import ExpertParallelExperts, clip_grad_norm_, expert_parallel_mesh, shard_experts
 from tests.helpers import TINY
 from tests.test_ddp_lm import assert_matches_single_process, assert_ranks_identical, outcomes, train
 
@@ -74,6 +74,10 @@ def _step(layer: MoELayer, x_BSD: torch.Tensor, g_BSD: torch.Tensor, world: int)
     out = {"y": y_BSD.detach(), "x_grad": x_BSD.grad, "aux": {k: v.detach() for k, v in layer.aux_losses.items()},
            "counts_E": layer.routing.expert_counts(E),
            "grads": {n: _full(p.grad).clone() for n, p in layer.named_parameters()}}
+    # A max norm below the gradient norm, so the clip scales every gradient (expert ones on their own mesh).
+    clip = clip_grad_norm_ if world > 1 else torch.nn.utils.clip_grad_norm_
+    out["grad_norm"] = clip(layer.parameters(), 0.05)
+    out["clipped"] = {n: _full(p.grad).clone() for n, p in layer.named_parameters()}
     torch.optim.SGD(layer.parameters(), lr=0.5).step()
     update_router_states(layer)
     out["state"] = {n: _full(t).clone() for n, t in layer.state_dict().items()}
@@ -120,7 +124,10 @@ def test_layer_matches_one_process(router, world, path, tmp_path, monkeypatch):
     assert ranks[0]["aux"].keys() == single["aux"].keys() and single["aux"]
     for k, v in single["aux"].items():
         torch.testing.assert_close(torch.stack([r["aux"][k] for r in ranks]).mean(), v, rtol=1e-5, atol=1e-7)
-    for key in ("grads", "state"):
+    assert single["grad_norm"] > 0.05
+    for r in ranks:
+        torch.testing.assert_close(r["grad_norm"], single["grad_norm"], rtol=1e-5, atol=0)
+    for key in ("grads", "clipped", "state"):
         for name, want in single[key].items():
             for r in ranks:
                 if name.endswith("expert_bias"):
@@ -131,6 +138,7 @@ def test_layer_matches_one_process(router, world, path, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ through Lightning
 GLOBAL_BATCH = 8
+CLIP = 0.5  # gradient-norm clipping on, through MoELanguageModel.configure_gradient_clipping under EP
 
 
 def _monitors() -> list:
@@ -142,7 +150,7 @@ def _lm_rank(rank: int, world: int, port: int, out, ep: int) -> None:
                       LOCAL_RANK=str(rank))
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     train("sigmoid", out, devices=world, strategy=strategy, batch_size=GLOBAL_BATCH // world, callbacks=_monitors(),
-          expert_parallel_size=ep)
+          gradient_clip_val=CLIP, expert_parallel_size=ep)
 
 
 def _launch(world: int, out, ep: int) -> None:
@@ -153,16 +161,17 @@ def _launch(world: int, out, ep: int) -> None:
 @pytest.fixture(scope="module")
 def single_lm(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("single")
-    train("sigmoid", out, batch_size=GLOBAL_BATCH, callbacks=_monitors())
+    train("sigmoid", out, batch_size=GLOBAL_BATCH, callbacks=_monitors(), gradient_clip_val=CLIP)
     return outcomes(out)[0]
 
 
 @pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2), (4, 4)], ids=["ep2", "dp2xep2", "ep4"])
 def test_training_matches_one_process(world, ep, single_lm, tmp_path):
     """MoELanguageModel(expert_parallel_size=ep) under ModelParallelStrategy: experts sharded over ep ranks,
-    FSDP2 on the rest over all ranks; losses, parameters after 4 AdamW steps and the sign-rule bias
-    (bit-identical) equal one process's on the same global batches; the load monitor logs the same numbers as
-    the same ranks without expert parallelism (its per-micro-batch MaxVio is each rank's own batch's)."""
+    FSDP2 on the rest over all ranks, gradient-norm clipping on (it clips: the norm is ~1.3 at the first step);
+    losses, parameters after 4 AdamW steps and the sign-rule bias (bit-identical) equal one process's on the
+    same global batches; the load monitor logs the same numbers as the same ranks without expert parallelism
+    (its per-micro-batch MaxVio is each rank's own batch's, so not one process's)."""
     _launch(world, tmp_path / "ep", ep)
     _launch(world, tmp_path / "fsdp", 1)
     ranks, fsdp = outcomes(tmp_path / "ep", world), outcomes(tmp_path / "fsdp", world)

@@ -16,7 +16,7 @@ from lightning_moe.gating.base import Router
 from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
-from lightning_moe.parallel import check_expert_parallel, expert_parallel_mesh, shard_experts
+from lightning_moe.parallel import check_expert_parallel, clip_grad_norm_, expert_parallel_mesh, shard_experts
 from lightning_moe.utils import check_non_negative, check_positive
 
 LN2 = math.log(2)
@@ -227,6 +227,16 @@ class MoELanguageModel(pl.LightningModule):
         self.log_dict(logs, prog_bar=False, batch_size=batch["tokens"].shape[0])
         self.log("loss", ce, prog_bar=True, logger=False, batch_size=batch["tokens"].shape[0])
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except the norm under expert parallelism: expert gradients live on another mesh
+        than FSDP2's, which torch's ``clip_grad_norm_`` cannot combine (:func:`lightning_moe.parallel.clip_grad_norm_`
+        computes the same norm)."""
+        experts_sharded = self.hparams.expert_parallel_size > 1 and self.device_mesh is not None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and experts_sharded:
+            clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Stateful routers (bias balancing, centroids, precision) update exactly once per optimizer step,

@@ -4,8 +4,9 @@
 from lightning_moe.parallel.expert_parallel import (
     ExpertParallelExperts,
     check_expert_parallel,
+    clip_grad_norm_,
     expert_parallel_mesh,
     shard_experts,
 )
 
-__all__ = ["ExpertParallelExperts", "check_expert_parallel", "expert_parallel_mesh", "shard_experts"]
+__all__ = ["ExpertParallelExperts", "check_expert_parallel", "clip_grad_norm_", "expert_parallel_mesh", "shard_experts"]

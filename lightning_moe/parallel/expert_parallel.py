@@ -24,11 +24,13 @@ the parameter objects (as Lightning's strategy setup does with DTensors).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_moe.experts.native import Experts
 from lightning_moe.gating.base import Routing
@@ -186,3 +188,22 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
         sharded.update(layer.experts.parameters())
     return sharded
 
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2 norm over all gradients) where gradients are DTensors on different
+    meshes (experts on the expert-parallel mesh, the rest on FSDP2's), which torch's version cannot stack.
+    Returns the total norm before clipping. Runs at the optimizer step, never in the forward."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # Each norm reduced over its own mesh, then combined as plain tensors.
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    # torch's clip_grad_norm_ formula: scale by min(1, max_norm / (total + 1e-6)), without a host read.
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        local.mul_(scale.to(local.dtype))
+    return total
