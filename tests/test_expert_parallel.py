@@ -20,7 +20,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_moe.callbacks import LoadBalanceMonitor
+from lightning_moe.callbacks import CouplingMonitor, LoadBalanceMonitor, RouterGeometryMonitor
 from lightning_moe.experts import Experts
 from lightning_moe.gating import ExpertChoice, KMeansRouter, SigmoidTopK, SoftmaxTopK, TransitionRouter
 from lightning_moe.layers import MoELayer, update_router_states
@@ -142,7 +142,8 @@ CLIP = 0.5  # gradient-norm clipping on, through MoELanguageModel.configure_grad
 
 
 def _monitors() -> list:
-    return [LoadBalanceMonitor(every_n_steps=2)]
+    # The load monitor counts routing events; geometry and coupling also read the expert weights (gathered).
+    return [LoadBalanceMonitor(every_n_steps=2), RouterGeometryMonitor(every_n_steps=2), CouplingMonitor(every_n_steps=2)]
 
 
 def _lm_rank(rank: int, world: int, port: int, out, ep: int) -> None:
@@ -178,7 +179,8 @@ def test_training_matches_one_process(world, ep, single_lm, tmp_path):
     assert ranks[0]["sharded"]
     assert_ranks_identical(ranks)
     assert_matches_single_process(ranks, single_lm)
-    assert fsdp[0]["monitors"] and ranks[0]["monitors"].keys() == fsdp[0]["monitors"].keys()
+    assert {k.split("/")[1] for k in fsdp[0]["monitors"]} == {"load", "geometry", "coupling"}
+    assert ranks[0]["monitors"].keys() == fsdp[0]["monitors"].keys()
     for key, value in fsdp[0]["monitors"].items():
         assert ranks[0]["monitors"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 

@@ -61,8 +61,12 @@ class ExpertWeights(nn.Module):
         return w.to_local() if hasattr(w, "to_local") else w
 
     def per_expert(self, name: str) -> Tensor:
-        """A weight viewed as ``[E, F, D]`` (a DTensor view of all E under expert parallelism)."""
-        return getattr(self, name).view(self.num_experts, self.d_ff, self.d_model)
+        """A weight viewed as ``[E, F, D]``, all E experts. Under expert parallelism this gathers the shards (a
+        collective: every rank of the group must call it, as monitors do on every rank), for readers of the
+        weights such as the geometry and coupling monitors; the experts' own forward uses :meth:`local`."""
+        w = getattr(self, name)
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w
+        return w.view(self.num_experts, self.d_ff, self.d_model)
 
     @property
     def local_experts(self) -> int:
