@@ -7,8 +7,8 @@ Forward of one layer (the router already ran on this rank's own tokens, so routi
 sort the N copies by expert (the native dispatch) -> exchange per-expert counts -> ``all_to_all`` the copies to
 the ranks owning their experts -> run the L local experts with the native kernels (fused on CPU, grouped GEMM
 elsewhere) -> ``all_to_all`` the outputs back -> weight and un-permute (the native combine). Backward runs the
-same two exchanges in reverse (``torch.distributed.nn.functional.all_to_all_single`` is differentiable).
-Dropless: splits are uneven, an expert may receive nothing.
+same two exchanges in reverse (:class:`_AllToAll`). Dropless: splits are uneven, an expert may receive nothing.
+The native dispatch and combine and the expert kernels are reused as they are: only the exchange is new.
 
 Weights stay in one layout: ``experts.mlp.w1`` etc. are DTensors of global shape ``[E*F, D]`` sharded on dim 0
 over the ``expert_parallel`` mesh dimension, so a full state dict (or a DCP checkpoint) holds the same tensors
@@ -111,7 +111,8 @@ class ExpertParallelExperts(Experts):
     docstring). Built by :func:`shard_experts` from a module's ``Experts``; ``num_experts`` stays E.
 
     Args:
-        experts: the native ``Experts`` to shard (every rank must hold the same values, as after seeding).
+        experts: the native ``Experts`` to shard; each expert-parallel group takes its shards from its first
+            rank, so replicas start equal when every rank holds the same values (as after seeding).
         mesh: a mesh with dimensions ``expert_data_parallel`` and ``expert_parallel`` (:func:`expert_parallel_mesh`).
     """
 
@@ -163,7 +164,7 @@ class ExpertParallelExperts(Experts):
         ones_M1 = x_MD.new_ones(x_MD.shape[0], 1, dtype=torch.float32)
         local = Routing(local_M.unsqueeze(1), ones_M1, x_MD.new_empty(x_MD.shape[0], 0))
         # Called even with no row received (M = 0): the local experts then get zero gradients, and every rank
-        # takes part in the gradient reduction of _reduce_grad.
+        # takes part in the replica all-reduce of _ExpertGrad (a rank skipping it would hang the others).
         y_MD = super().forward(x_MD, local)
         y_ND = _AllToAll.apply(y_MD, recv, send, self._ep_group)
         return self._combine(y_ND, order_N, routing)
@@ -187,7 +188,6 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
             layer.experts = ExpertParallelExperts(layer.experts, mesh)
         sharded.update(layer.experts.parameters())
     return sharded
-
 
 
 @torch.no_grad()
