@@ -143,7 +143,8 @@ CLIP = 0.5  # gradient-norm clipping on, through MoELanguageModel.configure_grad
 
 def _monitors() -> list:
     # The load monitor counts routing events; geometry and coupling also read the expert weights (gathered).
-    return [LoadBalanceMonitor(every_n_steps=2), RouterGeometryMonitor(every_n_steps=2), CouplingMonitor(every_n_steps=2)]
+    return [LoadBalanceMonitor(every_n_steps=2), RouterGeometryMonitor(every_n_steps=2),
+            CouplingMonitor(every_n_steps=2)]
 
 
 def _lm_rank(rank: int, world: int, port: int, out, ep: int) -> None:
@@ -282,7 +283,7 @@ def _router_rank(rank: int, world: int, port: int, out) -> None:
             y_BSD = layer(x_BSD)
             y_BSD.square().sum().backward()
             update_router_states(layer)
-            results[name] = (y_BSD.detach(), x_BSD.grad)
+            results[name] = (y_BSD.detach(), x_BSD.grad, {k: v.clone() for k, v in layer.router.state_dict().items()})
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -290,7 +291,8 @@ def _router_rank(rank: int, world: int, port: int, out) -> None:
 
 def test_every_router_runs_under_expert_parallelism(tmp_path):
     """Expert choice (batch-dependent, padded slots), k-means and transition routers: each rank's output and input
-    gradient under P=2 are those of one process applying the layer to that rank's tokens."""
+    gradient under P=2 are those of one process applying the layer to that rank's tokens; router buffers after
+    an update (centroids, biases, statistics summed over ranks) are bit-identical on both ranks."""
     world = 2
     torch.multiprocessing.start_processes(_router_rank, args=(world, find_free_network_port(), tmp_path),
                                           nprocs=world, start_method="fork")
@@ -304,6 +306,13 @@ def test_every_router_runs_under_expert_parallelism(tmp_path):
             y_BSD.square().sum().backward()
             torch.testing.assert_close(got[name][0], y_BSD.detach(), rtol=1e-5, atol=1e-6, msg=name)
             torch.testing.assert_close(got[name][1], x_BSD.grad, rtol=1e-5, atol=1e-6, msg=name)
+    first = torch.load(tmp_path / "rank0.pt")
+    for rank in range(1, world):
+        for name, (_, _, state) in torch.load(tmp_path / f"rank{rank}.pt").items():
+            assert state.keys() == first[name][2].keys()
+            for key, value in state.items():
+                assert torch.equal(value, first[name][2][key]), f"{name}: {key}"
+    assert any(first[name][2] for name in EVERY_ROUTER)
 
 
 def test_unsupported_settings_are_refused_with_the_fix():
