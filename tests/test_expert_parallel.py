@@ -325,4 +325,4 @@ def test_unsupported_settings_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"world size 6 is not divisible by expert_parallel_size=4"):
         expert_parallel_mesh(6, 4)
     with pytest.raises(ValueError, match=r"expert_parallel_size=2 needs Lightning's ModelParallelStrategy"):
-        MoELanguageModel(**TINY, expert_parallel_size=2).configure_model()
+        MoELanguageModel(**TINY, expert_parallel_size=2).setup("fit")  # a Trainer without a device mesh

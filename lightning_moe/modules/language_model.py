@@ -129,6 +129,15 @@ class MoELanguageModel(pl.LightningModule):
             ) from e
 
     def setup(self, stage: str) -> None:
+        # Checked here, in a Trainer only (configure_model also runs in load_from_checkpoint, outside any, where an
+        # expert-parallel checkpoint simply loads as one model).
+        P = self.hparams.expert_parallel_size
+        if P > 1 and self.device_mesh is None:
+            raise ValueError(
+                f"expert_parallel_size={P} needs Lightning's ModelParallelStrategy, whose device mesh the experts "
+                "are sharded over; use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1)) with N processes, or expert_parallel_size=1."
+            )
         data_vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
         if data_vocab is not None and data_vocab != self.hparams.vocab_size:
             raise ValueError(
@@ -146,14 +155,7 @@ class MoELanguageModel(pl.LightningModule):
         under DDP, so every rank must be a data-parallel rank: tensor parallelism is refused.
         """
         mesh = self.device_mesh
-        P = self.hparams.expert_parallel_size
-        if mesh is None:  # not ModelParallelStrategy
-            if P > 1:
-                raise ValueError(
-                    f"expert_parallel_size={P} needs Lightning's ModelParallelStrategy, whose device mesh the "
-                    "experts are sharded over; use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
-                    "tensor_parallel_size=1)) with N processes, or expert_parallel_size=1."
-                )
+        if mesh is None:  # not ModelParallelStrategy (setup refused expert parallelism there)
             return
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -166,7 +168,7 @@ class MoELanguageModel(pl.LightningModule):
                 f"parallelism) only, got tensor_parallel_size={tp}; use ModelParallelStrategy("
                 f"data_parallel_size={mesh.size()}, tensor_parallel_size=1)."
             )
-        dp = mesh["data_parallel"]
+        dp, P = mesh["data_parallel"], self.hparams.expert_parallel_size
         experts = shard_experts(self.model, expert_parallel_mesh(dp.size(), P, dp.device_type)) if P > 1 else set()
         for block in self.model.blocks:
             fully_shard(block, mesh=dp, ignored_params=experts)
