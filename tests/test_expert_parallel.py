@@ -3,8 +3,10 @@
 Each rank routes its own share of the global batch; the experts are sharded over the expert-parallel ranks and
 the token copies travel by ``all_to_all``. What must not change: the layer's output and input gradients, every
 parameter's gradient (expert gradients summed over the ranks whose tokens reached them, then averaged like the
-rest), the aux losses, one optimizer step, and stateful router buffers (bit-identical on every rank). Loads are
-uneven, one expert never receives a token, and at P=4 one rank receives no row at all.
+rest), the aux losses, gradient clipping, one optimizer step, and stateful router buffers (bit-identical on every
+rank). Loads are uneven, one expert never receives a token, and at P=4 one rank receives no row at all. Then the
+same through Lightning (MoELanguageModel under ModelParallelStrategy, with monitors), checkpoints moving between
+expert-parallel sizes, every router, and the refusals.
 
 Ranks are forked (they inherit this process's imports), as in tests/test_fsdp.py.
 """
