@@ -25,6 +25,7 @@ the parameter objects (as Lightning's strategy setup does with DTensors).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -143,16 +144,23 @@ class ExpertParallelExperts(Experts):
         return _ExpertGrad.apply(super()._local_weight(name), self._replica_group, self._replicas, self._world)
 
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        P, L = self.ep_size, self.mlp.local_experts
-        x_ND, order_N, counts_E = self._dispatch(x_TD, routing, self.num_experts)
+        P, L, E = self.ep_size, self.mlp.local_experts, self.num_experts
+        # Padding slots (mask_TK False: expert choice gives every token E slots, weight 0 where unchosen) go to
+        # a sentinel expert E, sorted after the real copies and never sent: their outputs are weighted by 0 and
+        # no gradient reaches their weights, so sending them would only multiply the exchange.
+        experts_TK = routing.experts_TK
+        if routing.mask_TK is not None:
+            experts_TK = experts_TK.masked_fill(~routing.mask_TK, E)
+        x_ND, order_N, counts = self._dispatch(x_TD, replace(routing, experts_TK=experts_TK), E + 1)
         # Copies sorted by expert are grouped by destination rank already (rank j owns experts j*L .. j*L+L-1).
-        recv_PL = torch.empty_like(counts_E).view(P, L)
-        dist.all_to_all_single(recv_PL, counts_E.view(P, L).contiguous(), group=self._ep_group)
+        counts_PL = counts[:E].view(P, L)
+        recv_PL = torch.empty_like(counts_PL)
+        dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self._ep_group)
         # The one host read of expert parallelism: all_to_all needs its split sizes as host ints (NCCL and
         # gloo alike), so the layer waits for the count exchange here. 2P + P*L numbers in one read.
-        sizes = torch.cat([counts_E.view(P, L).sum(1), recv_PL.sum(1), recv_PL.reshape(-1)]).tolist()
+        sizes = torch.cat([counts_PL.sum(1), recv_PL.sum(1), recv_PL.reshape(-1)]).tolist()
         send, recv, recv_counts = sizes[:P], sizes[P : 2 * P], sizes[2 * P :]
-        x_MD = _AllToAll.apply(x_ND, send, recv, self._ep_group)
+        x_MD = _AllToAll.apply(x_ND[: sum(send)], send, recv, self._ep_group)
         # Received rows come by source rank, each source's block sorted by local expert.
         local_M = torch.repeat_interleave(
             torch.arange(L, device=x_TD.device).repeat(P),
@@ -167,6 +175,9 @@ class ExpertParallelExperts(Experts):
         # takes part in the replica all-reduce of _ExpertGrad (a rank skipping it would hang the others).
         y_MD = super().forward(x_MD, local)
         y_ND = _AllToAll.apply(y_MD, recv, send, self._ep_group)
+        padding = x_ND.shape[0] - sum(send)
+        if padding:
+            y_ND = torch.cat([y_ND, y_ND.new_zeros(padding, y_ND.shape[1])])
         return self._combine(y_ND, order_N, routing)
 
     def extra_repr(self) -> str:
