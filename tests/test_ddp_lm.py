@@ -29,9 +29,9 @@ ROUTERS = {
 }
 
 
-def tiny_lm(router: str) -> MoELanguageModel:
+def tiny_lm(router: str, **model_kwargs) -> MoELanguageModel:
     pl.seed_everything(0)
-    return MoELanguageModel(**{**TINY, "vocab_size": 256}, router=ROUTERS[router](), warmup_steps=2)
+    return MoELanguageModel(**{**TINY, "vocab_size": 256, **model_kwargs}, router=ROUTERS[router](), warmup_steps=2)
 
 
 def tiny_data(batch_size: int) -> ByteCorpusDataModule:
@@ -51,18 +51,24 @@ class SaveOutcome(pl.Callback):
         # full_tensor(): under FSDP2 parameters are shards (DTensors); gather them (every rank must call it).
         state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
         sharded = any(hasattr(p, "full_tensor") for p in pl_module.parameters())
-        outcome = {"losses": torch.stack(self.losses), "state": state, "sharded": sharded}
+        # The last value each routing monitor logged (lightning_moe.callbacks' monitors keep them in ``logged``).
+        monitors = {k: v for cb in trainer.callbacks for k, v in getattr(cb, "logged", {}).items()}
+        outcome = {"losses": torch.stack(self.losses), "state": state, "sharded": sharded, "monitors": monitors}
         torch.save(outcome, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def train(router: str, out, devices: int = 1, strategy="auto", batch_size: int = 4) -> None:
-    """Train STEPS steps; every rank saves its outcome into ``out`` (see :func:`outcomes`)."""
+def train(router: str, out, devices: int = 1, strategy="auto", batch_size: int = 4, callbacks=(), ckpt_path=None,
+          steps: int = STEPS, gradient_clip_val: float | None = None, **model_kwargs) -> pl.Trainer:
+    """Train ``steps`` steps (in all, counting a resumed checkpoint's); every rank saves its outcome into ``out``
+    (see :func:`outcomes`)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[SaveOutcome(out)], default_root_dir=out)
-    trainer.fit(tiny_lm(router), datamodule=tiny_data(batch_size))
+                         limit_val_batches=0, callbacks=[SaveOutcome(out), *callbacks], default_root_dir=out,
+                         gradient_clip_val=gradient_clip_val)
+    trainer.fit(tiny_lm(router, **model_kwargs), datamodule=tiny_data(batch_size), ckpt_path=ckpt_path)
+    return trainer
 
 
 def outcomes(out, devices: int = 1) -> list[dict]:
@@ -71,7 +77,8 @@ def outcomes(out, devices: int = 1) -> list[dict]:
 
 def assert_ranks_identical(ranks: list[dict]) -> None:
     for key, value in ranks[0]["state"].items():
-        assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between the ranks"
+        for other in ranks[1:]:
+            assert torch.equal(value, other["state"][key]), f"{key} differs between the ranks"
 
 
 def assert_matches_single_process(ranks: list[dict], single: dict) -> None:
@@ -86,7 +93,8 @@ def assert_matches_single_process(ranks: list[dict], single: dict) -> None:
     for key, value in single["state"].items():
         if key.endswith("expert_bias"):
             assert torch.equal(ranks[0]["state"][key], value), f"{key} differs from the single process's"
-        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))

@@ -66,6 +66,7 @@ def test_study_code_uses_only_the_core_public_names():
 
 
 @pytest.mark.parametrize("package", ["lightning_moe", "lightning_moe.modules", "lightning_moe.data",
+                                     "lightning_moe.parallel",
                                      "lightning_moe.gating", "lightning_moe.callbacks", "lightning_moe.metrics"])
 def test_core_packages_export_no_study_names(package):
     """What a user finds in ``lightning_moe.modules`` or ``.data`` is meant for them, not for one study."""

@@ -47,7 +47,9 @@ class MoELayerTap(Tap):
         return [self.module.register_forward_hook(hook)]
 
     def router_weight_ED(self) -> Tensor | None:
-        return find_rows_ED(self.module.router, self.num_experts, self.module.d_model)
+        w = find_rows_ED(self.module.router, self.num_experts, self.module.d_model)
+        # Under FSDP2 the weight is a shard between steps: gather it (a collective; monitors read it on every rank).
+        return w.full_tensor() if hasattr(w, "full_tensor") else w
 
     def expert_weight_EFD(self, projection: Projection) -> Tensor:
         mlp = self.module.experts.mlp

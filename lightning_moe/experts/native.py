@@ -53,9 +53,25 @@ class ExpertWeights(nn.Module):
         if self.v1 is not None:
             nn.init.normal_(self.v1, std=self.d_model**-0.5)
 
+    def local(self, name: str) -> Tensor:
+        """The rows of weight ``name`` this rank holds, as a plain tensor: all ``[E*F, D]``, or this rank's
+        ``[E/P*F, D]`` slice under expert parallelism, where the parameter is a DTensor sharded on dim 0
+        (:func:`lightning_moe.parallel.shard_experts`). Differentiable: gradients reach the parameter."""
+        w = getattr(self, name)
+        return w.to_local() if hasattr(w, "to_local") else w
+
     def per_expert(self, name: str) -> Tensor:
-        """A weight viewed as ``[E, F, D]``."""
-        return getattr(self, name).view(self.num_experts, self.d_ff, self.d_model)
+        """A weight viewed as ``[E, F, D]``, all E experts. Under expert parallelism this gathers the shards (a
+        collective: every rank of the group must call it, as monitors do on every rank), for readers of the
+        weights such as the geometry and coupling monitors; the experts' own forward uses :meth:`local`."""
+        w = getattr(self, name)
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w
+        return w.view(self.num_experts, self.d_ff, self.d_model)
+
+    @property
+    def local_experts(self) -> int:
+        """Experts whose weights this rank holds: E, or E/P under expert parallelism."""
+        return self.local("w1").shape[0] // self.d_ff
 
 
 def _contiguous_grad(t: Tensor) -> Tensor:
@@ -128,9 +144,15 @@ class Experts(nn.Module):
             return self._fused_forward(x_TD, routing)
         return self._sorted_forward(x_TD, routing)
 
+    def _local_weight(self, name: str) -> Tensor:
+        """This rank's rows of ``w1``/``v1``/``w2`` (:meth:`ExpertWeights.local`), where expert parallelism adds
+        its gradient reduction."""
+        return self.mlp.local(name)
+
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-        m = self.mlp
-        return m.w1.to(dtype), m.v1.to(dtype) if m.v1 is not None else None, m.w2.to(dtype)
+        """``w1``, ``v1`` (None without GLU), ``w2`` as ``[E_local*F, D]`` in the compute dtype."""
+        v1 = self._local_weight("v1").to(dtype) if self.mlp.v1 is not None else None
+        return self._local_weight("w1").to(dtype), v1, self._local_weight("w2").to(dtype)
 
     @torch.compiler.disable(reason="per-expert loop over host-side token counts; runs eagerly on CPU")
     def _fused_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -140,20 +162,22 @@ class Experts(nn.Module):
 
     def _sorted_forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Dispatch (stable sort, gather) -> expert GEMMs -> combine (fp32 weighting, un-permute, sum over K)."""
-        x_ND, order_N, counts_E = self._dispatch(x_TD, routing)
+        x_ND, order_N, counts_E = self._dispatch(x_TD, routing, self.mlp.local_experts)
         if _grouped_mm_ok(x_ND, self.mlp.d_ff):
             y_ND = self._grouped(x_ND, counts_E)
         else:
             y_ND = self._loop(x_ND, counts_E)
         return self._combine(y_ND, order_N, routing)
 
-    def _dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    def _dispatch(self, x_TD: Tensor, routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` gathered into expert-sorted rows ``x_ND``, the sort ``order_N`` and ``counts_E`` (ids in
+        ``[0, num_experts)``)."""
         K = routing.experts_TK.shape[1]
         flat_N = routing.experts_TK.reshape(-1)
         # Stable sort keeps each expert's tokens in token order: the same row order as MegaBlocks, hence the
         # same floating-point summation order inside each expert GEMM.
         order_N = torch.argsort(flat_N, stable=True)
-        counts_E = torch.bincount(flat_N, minlength=self.num_experts)
+        counts_E = torch.bincount(flat_N, minlength=num_experts)
         return x_TD[order_N // K].to(_compute_dtype(x_TD)), order_N, counts_E
 
     def _combine(self, y_ND: Tensor, order_N: Tensor, routing: Routing) -> Tensor:
@@ -163,24 +187,27 @@ class Experts(nn.Module):
         y_ND = (y_ND.float() * w_N.float().unsqueeze(-1)).to(y_ND.dtype)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return y_ND[inverse_N].view(T, K, -1).sum(dim=1)
+        # D spelled out: T is 0 on an expert-parallel rank that receives no row, and -1 cannot be inferred then.
+        return y_ND[inverse_N].view(T, K, y_ND.shape[-1]).sum(dim=1)
+
+    def _per_expert(self, dtype: torch.dtype) -> list[Tensor | None]:
+        """:meth:`_weights` viewed as ``[E_local, F, D]``."""
+        m = self.mlp
+        return [w.view(-1, m.d_ff, m.d_model) if w is not None else None for w in self._weights(dtype)]
 
     def _grouped(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        dtype = x_ND.dtype
+        w1, v1, w2 = self._per_expert(x_ND.dtype)
 
-        def mm(a: Tensor, name: str, transpose: bool) -> Tensor:
-            w_EFD = self.mlp.per_expert(name).to(dtype)
+        def mm(a: Tensor, w_EFD: Tensor, transpose: bool) -> Tensor:
             return _contiguous_grad(F.grouped_mm(a, w_EFD.transpose(-2, -1) if transpose else w_EFD, offs=offs_E))
 
-        v = mm(x_ND, "v1", True) if self.mlp.v1 is not None else None
-        h_NF = expert_activation(mm(x_ND, "w1", True), v)
-        return mm(h_NF, "w2", False)
+        v = mm(x_ND, v1, True) if v1 is not None else None
+        h_NF = expert_activation(mm(x_ND, w1, True), v)
+        return mm(h_NF, w2, False)
 
     def _loop(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
-        dtype = x_ND.dtype
-        w1, w2 = self.mlp.per_expert("w1").to(dtype), self.mlp.per_expert("w2").to(dtype)
-        v1 = self.mlp.per_expert("v1").to(dtype) if self.mlp.v1 is not None else None
+        w1, v1, w2 = self._per_expert(x_ND.dtype)
         outs = []
         # Reads the counts on the host (one sync per layer): only CUDA setups without grouped_mm kernels
         # (fp32, or pre-Hopper GPUs) come here.

@@ -16,6 +16,7 @@ from lightning_moe.gating.base import Router
 from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
+from lightning_moe.parallel import check_expert_parallel, clip_grad_norm_, expert_parallel_mesh, shard_experts
 from lightning_moe.utils import check_non_negative, check_positive
 
 LN2 = math.log(2)
@@ -58,9 +59,13 @@ class MoELanguageModel(pl.LightningModule):
     ``val/load_entropy`` and ``val/dead_experts`` (total over layers). With byte-level data, bits per token is
     bits per byte.
 
-    Model args are those of :class:`MoETransformer`; optimiser args:
+    Model args are those of :class:`MoETransformer`; parallelism and optimiser args:
 
     Args:
+        expert_parallel_size: P, the number of ranks that share each layer's experts (E/P each; see
+            :mod:`lightning_moe.parallel`). 1 = every rank holds every expert. P > 1 needs Lightning's
+            ``ModelParallelStrategy`` (``tensor_parallel_size=1``), ``backend='native'``, P dividing
+            ``num_experts`` and the number of processes; the other parameters are sharded by FSDP2 over all ranks.
         lr: peak AdamW learning rate.
         weight_decay: decoupled weight decay on matrices (norms and embeddings are not decayed).
         warmup_steps: linear warmup steps before the cosine decay.
@@ -85,6 +90,7 @@ class MoELanguageModel(pl.LightningModule):
         backend: Backend = "native",
         shared_d_ff: int = 0,
         max_seq_len: int = 512,
+        expert_parallel_size: int = 1,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
@@ -96,6 +102,7 @@ class MoELanguageModel(pl.LightningModule):
         check_non_negative("warmup_steps", warmup_steps)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}.")
+        check_expert_parallel(num_experts, backend, expert_parallel_size)
         if isinstance(router, dict):  # from a checkpoint's hyper-parameters (see below)
             router = Router.from_config(router)
         self.save_hyperparameters(ignore=["router"])
@@ -122,6 +129,15 @@ class MoELanguageModel(pl.LightningModule):
             ) from e
 
     def setup(self, stage: str) -> None:
+        # Checked here, in a Trainer only (configure_model also runs in load_from_checkpoint, outside any, where an
+        # expert-parallel checkpoint simply loads as one model).
+        P = self.hparams.expert_parallel_size
+        if P > 1 and self.device_mesh is None:
+            raise ValueError(
+                f"expert_parallel_size={P} needs Lightning's ModelParallelStrategy, whose device mesh the experts "
+                "are sharded over; use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1)) with N processes, or expert_parallel_size=1."
+            )
         data_vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
         if data_vocab is not None and data_vocab != self.hparams.vocab_size:
             raise ValueError(
@@ -131,13 +147,15 @@ class MoELanguageModel(pl.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each block, then the rest (embedding, final
-        norm, head), over the data-parallel mesh; other strategies leave the model as it is.
+        norm, head), over the data-parallel mesh; other strategies leave the model as it is. With
+        ``expert_parallel_size`` P > 1 the experts are first sharded over groups of P ranks
+        (:func:`lightning_moe.parallel.shard_experts`) and left out of FSDP2, which shards everything else.
 
         Router buffers are not sharded (FSDP2 replicates buffers) and their updates are summed over all ranks, as
         under DDP, so every rank must be a data-parallel rank: tensor parallelism is refused.
         """
         mesh = self.device_mesh
-        if mesh is None:  # not ModelParallelStrategy
+        if mesh is None:  # not ModelParallelStrategy (setup refused expert parallelism there)
             return
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -146,13 +164,32 @@ class MoELanguageModel(pl.LightningModule):
         tp = mesh["tensor_parallel"].size()
         if tp > 1:
             raise ValueError(
-                f"MoELanguageModel supports ModelParallelStrategy for FSDP2 data parallelism only, got "
-                f"tensor_parallel_size={tp}; use ModelParallelStrategy(data_parallel_size={mesh.size()}, "
-                "tensor_parallel_size=1)."
+                f"MoELanguageModel supports ModelParallelStrategy for FSDP2 data parallelism (and expert "
+                f"parallelism) only, got tensor_parallel_size={tp}; use ModelParallelStrategy("
+                f"data_parallel_size={mesh.size()}, tensor_parallel_size=1)."
             )
+        dp, P = mesh["data_parallel"], self.hparams.expert_parallel_size
+        experts = shard_experts(self.model, expert_parallel_mesh(dp.size(), P, dp.device_type)) if P > 1 else set()
         for block in self.model.blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+            fully_shard(block, mesh=dp, ignored_params=experts)
+        fully_shard(self.model, mesh=dp, ignored_params=experts)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Key the optimizer state by parameter position in ``self.parameters()``, as ModelParallelStrategy writes
+        it, so a checkpoint of one process (or DDP) resumes under ModelParallelStrategy at any
+        ``expert_parallel_size``: Lightning maps integer keys to parameter names by that position there, while a
+        plain ``optimizer.state_dict()`` numbers the parameters group by group (decay, then no decay).
+        ``Optimizer.load_state_dict`` reads keys only as labels matched group by group, so either numbering
+        restores in one process."""
+        if self.device_mesh is not None:  # ModelParallelStrategy has keyed it already
+            return
+        position = {id(p): i for i, p in enumerate(self.parameters())}
+        for optimizer, state in zip(self.trainer.optimizers, checkpoint.get("optimizer_states", [])):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            key = {j: position[id(p)] for j, p in enumerate(params)}
+            state["state"] = {key[j]: v for j, v in state["state"].items()}
+            for group in state["param_groups"]:
+                group["params"] = [key[j] for j in group["params"]]
 
     def forward(self, tokens_BS: Tensor) -> Tensor:
         return self.model(tokens_BS)
@@ -192,6 +229,16 @@ class MoELanguageModel(pl.LightningModule):
         self.log_dict(logs, prog_bar=False, batch_size=batch["tokens"].shape[0])
         self.log("loss", ce, prog_bar=True, logger=False, batch_size=batch["tokens"].shape[0])
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except the norm under expert parallelism: expert gradients live on another mesh
+        than FSDP2's, which torch's ``clip_grad_norm_`` cannot combine (:func:`lightning_moe.parallel.clip_grad_norm_`
+        computes the same norm)."""
+        experts_sharded = self.hparams.expert_parallel_size > 1 and self.device_mesh is not None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and experts_sharded:
+            clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Stateful routers (bias balancing, centroids, precision) update exactly once per optimizer step,
