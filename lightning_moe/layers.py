@@ -54,7 +54,8 @@ class MoELayer(nn.Module):
         activation: ``swiglu`` or ``gelu``.
         backend: ``native`` (any device) or ``megablocks`` (CUDA with MegaBlocks installed).
         shared_d_ff: width of an always-on shared expert; 0 = none.
-        check_finite: raise :class:`NonFiniteRoutingError` (naming the layer) on NaN/inf router scores. ``None``
+        check_finite: raise :class:`NonFiniteRoutingError` (naming the layer) on NaN/inf router scores or
+            weights, and a ValueError on expert ids out of range. ``None``
             (default) checks where it is free, on CPU; on a GPU the check reads a value back to the host and
             stalls the stream every layer, so it is off there unless set to ``True`` (a debug switch). Skipped
             while ``torch.compile`` traces, where it would split the graph.
@@ -111,14 +112,16 @@ class MoELayer(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"{self.name}: empty input of shape {tuple(x.shape)}; pass at least one token.")
+        weight = self.experts.mlp.w1
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self.name}: input dtype {x.dtype} differs from the layer's {weight.dtype} parameters; cast one to "
+                "the other (x.to(layer dtype) or layer.to(x.dtype)), or train under autocast (precision='bf16-mixed')."
+            )
         x_BSD = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, self.d_model)
         x_TD = x_BSD.reshape(-1, self.d_model)
         routing = self.router(x_BSD)
-        if self._should_check_finite(routing.scores_TE) and not torch.isfinite(routing.scores_TE).all():
-            raise NonFiniteRoutingError(
-                f"{self.name}: non-finite router scores (NaN/inf in the layer input or router weights); "
-                "lower the learning rate, add gradient clipping, or check the data."
-            )
+        self._check_routing(routing, x_TD.shape[0])
         if self.training:
             with torch.no_grad():
                 self.router.observe(x_TD.detach(), routing)
@@ -128,6 +131,37 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared_expert(x_TD)
         return y_TD.view(x.shape)
 
+
+    def _check_routing(self, routing: Routing, T: int) -> None:
+        """The router contract: shapes and dtypes always (free); finite scores and weights and expert ids in
+        range where ``check_finite`` allows a host sync (CPU by default), one sync for all of them."""
+        router, E = type(self.router).__name__, self.experts.num_experts
+        experts_TK, weights_TK, scores_TE = routing.experts_TK, routing.weights_TK, routing.scores_TE
+        if (experts_TK.dim() != 2 or experts_TK.shape[0] != T or weights_TK.shape != experts_TK.shape
+                or scores_TE.shape != (T, E)):
+            raise ValueError(
+                f"{self.name}: router {router} returned experts_TK {tuple(experts_TK.shape)}, weights_TK "
+                f"{tuple(weights_TK.shape)}, scores_TE {tuple(scores_TE.shape)} for {T} tokens and {E} experts; a "
+                f"router must return [T, K] ids and weights and [T, E] scores."
+            )
+        if experts_TK.dtype != torch.int64:
+            raise TypeError(f"{self.name}: router {router} returned expert ids of dtype {experts_TK.dtype}; "
+                            "return int64 ids (e.g. from torch.topk).")
+        if not self._should_check_finite(scores_TE):
+            return
+        finite = torch.isfinite(scores_TE).all() & torch.isfinite(weights_TK).all()
+        in_range = (experts_TK.min() >= 0) & (experts_TK.max() < E) if experts_TK.numel() else torch.tensor(True)
+        if bool(finite & in_range):
+            return
+        if not bool(in_range):
+            raise ValueError(
+                f"{self.name}: router {router} returned expert ids outside [0, {E}) (min {int(experts_TK.min())}, "
+                f"max {int(experts_TK.max())}); ids must index this layer's {E} experts."
+            )
+        raise NonFiniteRoutingError(
+            f"{self.name}: non-finite router scores or weights from {router} (NaN/inf in the layer input or router "
+            "weights); lower the learning rate, add gradient clipping, or check the data."
+        )
 
     def _should_check_finite(self, scores_TE: Tensor) -> bool:
         if torch.compiler.is_compiling():

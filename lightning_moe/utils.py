@@ -4,6 +4,7 @@ the fix, and an atomic JSON writer for per-run artefacts."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,13 @@ def check_positive(name: str, value: int | float) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
+    _check_finite(name, value)
+
+
+def _check_finite(name: str, value: int | float) -> None:
+    # inf passes "> 0" and ">= 0" and would turn every loss or update it scales into inf or NaN later.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -29,6 +37,7 @@ def check_non_negative(name: str, value: int | float) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}; use 0 to turn it off.")
+    _check_finite(name, value)
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:

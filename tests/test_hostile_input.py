@@ -89,6 +89,40 @@ def load_file(contents: bytes):
     return load
 
 
+class _ShiftedIds(SoftmaxTopK):
+    """A custom router that breaks the contract: expert ids past the layer's experts."""
+
+    def forward(self, x_BSD):
+        routing = super().forward(x_BSD)
+        routing.experts_TK = routing.experts_TK + 10
+        return routing
+
+
+class _FlatScores(SoftmaxTopK):
+    """A custom router that breaks the contract: one score per token instead of one per expert."""
+
+    def forward(self, x_BSD):
+        routing = super().forward(x_BSD)
+        routing.scores_TE = routing.scores_TE.sum(-1)
+        return routing
+
+
+class FloatLabelData(TinyLMData):
+    """TinyLMData whose domain labels are floats (0.9 would be truncated to label 0)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([item | {"domain_ids": item["domain_ids"] * 0.9} for item in self.items], self.batch_size)
+
+
+def _float_labels(tmp_path):
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[SpecializationMonitor(num_labels=2, token_key=None, plots=False)],
+    )
+    trainer.fit(lm(), datamodule=FloatLabelData())
+
+
 # (id, callable, exception type, regex the message must contain). Callables taking ``tmp_path`` get one.
 CASES = [
     # --- MoELayer configuration
@@ -394,6 +428,19 @@ CASES = [
         r"cannot read checkpoint .*model\.ckpt.*not a PyTorch checkpoint",
     ),
     ("checkpoint_empty_file", load_file(b""), ValueError, r"cannot read checkpoint .*model\.ckpt.*empty, truncated"),
+    ("softmax_weight_inf", lambda: SoftmaxTopK(load_balancing_weight=float("inf")), ValueError,
+     r"load_balancing_weight must be a finite number, got inf"),
+    ("sigmoid_rate_inf", lambda: SigmoidTopK(bias_update_rate=float("inf")), ValueError,
+     r"bias_update_rate must be a finite number, got inf"),
+    ("lm_lr_inf", lambda: lm(lr=float("inf")), ValueError, r"lr must be a finite number, got inf"),
+    ("layer_half_input_to_float_layer", lambda: layer()(torch.randn(2, 8, dtype=torch.float16)), TypeError,
+     r"input dtype torch.float16 differs from the layer's torch.float32 parameters; cast one"),
+    ("router_ids_out_of_range", lambda: layer(router=_ShiftedIds())(torch.randn(2, 8)), ValueError,
+     r"router _ShiftedIds returned expert ids outside \[0, 4\) \(min 1[0-3], max 1[0-3]\)"),
+    ("router_bad_shapes", lambda: layer(router=_FlatScores())(torch.randn(2, 8)), ValueError,
+     r"router _FlatScores returned .*scores_TE \(2,\) for 2 tokens and 4 experts"),
+    ("monitor_float_labels", _float_labels, TypeError, r"batch\['domain_ids'\] holds torch.float32 values; labels "
+     r"must be integer class ids"),
 ]
 
 

@@ -164,7 +164,14 @@ class RoutingMonitor(pl.Callback):
 
     def masked_labels(self, batch: Any, key: str, event: RoutingEvent) -> Tensor:
         """Per-token labels shaped like the batch entry, -1 (ignored by the metrics) where a token does not count."""
-        labels = self.batch_field(batch, key, event).long()
+        labels = self.batch_field(batch, key, event)
+        if labels.is_floating_point() or labels.is_complex():
+            # .long() would silently truncate 0.9 to label 0.
+            raise TypeError(
+                f"{type(self).__name__}: batch[{key!r}] holds {labels.dtype} values; labels must be integer class "
+                f"ids (negative = ignored). Build them as int64, or point the monitor at the batch key that holds them."
+            )
+        labels = labels.long()
         keep_T = event.kept_T(self.batch_mask_T(event, batch))
         return labels if keep_T is None else labels.masked_fill(~keep_T.view(labels.shape), -1)
 
