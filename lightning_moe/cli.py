@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_moe.utils import check_checkpoint_file
+
 __all__ = ["MoECLI", "main"]
 
 
@@ -52,6 +54,9 @@ def suggestions(message: str) -> str:
     return "".join(f"\n  hint: {h}" for h in dict.fromkeys(hints))
 
 
+CKPT_ALIASES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
+
+
 class _Parser(LightningArgumentParser):
     def error(self, message: str, *args: Any, **kwargs: Any):
         return super().error(message + suggestions(message), *args, **kwargs)
@@ -81,6 +86,13 @@ class MoECLI(LightningCLI):
         # LightningCLI then replaces the model's arguments by the checkpoint's hyper-parameters when --ckpt_path is
         # given: keep what the command asked for, to refuse what it would silently drop.
         self._requested = _model_args(self.config)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in CKPT_ALIASES:
+            try:  # before LightningCLI reads it: torch.load checks no CRC, so changed bytes would load silently
+                check_checkpoint_file(ckpt_path)
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
 
     def before_instantiate_classes(self) -> None:
         threads = self.config[self.subcommand].torch_threads if self.subcommand else self.config.torch_threads

@@ -9,7 +9,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["check_choice", "check_non_negative", "check_positive", "check_positive_int", "write_json_atomic"]
+__all__ = [
+    "check_checkpoint_file", "check_choice", "check_non_negative", "check_positive", "check_positive_int",
+    "write_json_atomic",
+]
 
 
 def check_positive(name: str, value: int | float) -> None:
@@ -51,3 +54,26 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise a ValueError naming ``path`` when a checkpoint file is truncated or damaged. torch's zip format keeps a
+    CRC-32 of every entry, which ``torch.load`` never checks, so a few flipped bytes would load silently (as
+    corrupted optimizer state, say). A folder (a sharded distributed checkpoint) is left to its loader."""
+    import zipfile
+
+    if os.path.isdir(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {err}): the file is empty, truncated or not "
+            "a PyTorch checkpoint; point at a file written by Trainer.save_checkpoint."
+        ) from None
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is damaged: its entry {bad!r} fails its CRC-32 check (the bytes changed on "
+            "disk or in transfer); resume from an earlier checkpoint."
+        )

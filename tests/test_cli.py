@@ -47,3 +47,13 @@ def test_a_resume_refuses_a_changed_hyper_parameter_and_accepts_the_same_config(
     main(["fit", *QUICK, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt),
           "--trainer.default_root_dir", str(tmp_path / "resumed")])
     assert list((tmp_path / "resumed").rglob("*.ckpt"))
+
+
+def test_a_resume_from_a_damaged_checkpoint_is_refused_before_loading(tmp_path):
+    main(["fit", *QUICK, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:2000] + bytes(b ^ 0xFF for b in data[2000:2016]) + data[2016:])
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*\.ckpt' is damaged: its entry .* fails its CRC-32"):
+        main(["fit", *QUICK, "--trainer.max_steps", "2", "--ckpt_path", str(ckpt),
+              "--trainer.default_root_dir", str(tmp_path / "resumed")])

@@ -123,6 +123,30 @@ def _float_labels(tmp_path):
     trainer.fit(lm(), datamodule=FloatLabelData())
 
 
+def _saved_checkpoint(tmp_path, damage):
+    """A real checkpoint of the tiny LM, saved by a Trainer, with ``damage`` applied to its bytes."""
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(lm(), datamodule=TinyLMData())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    path.write_bytes(damage(path.read_bytes()))
+    return path
+
+
+def damaged_checkpoint(damage):
+    return lambda tmp_path: MoELanguageModel.load_from_checkpoint(_saved_checkpoint(tmp_path, damage))
+
+
+def text_file(contents: bytes):
+    def load(tmp_path):
+        path = tmp_path / "data.txt"
+        path.write_bytes(contents)
+        TextDataModule(data_files=str(path)).setup("fit")
+
+    return load
+
+
 # (id, callable, exception type, regex the message must contain). Callables taking ``tmp_path`` get one.
 CASES = [
     # --- MoELayer configuration
@@ -428,6 +452,10 @@ CASES = [
         r"cannot read checkpoint .*model\.ckpt.*not a PyTorch checkpoint",
     ),
     ("checkpoint_empty_file", load_file(b""), ValueError, r"cannot read checkpoint .*model\.ckpt.*empty, truncated"),
+    ("checkpoint_truncated", damaged_checkpoint(lambda b: b[: len(b) // 2]), ValueError,
+     r"cannot read checkpoint .*model\.ckpt.*truncated"),
+    ("checkpoint_flipped_bytes", damaged_checkpoint(lambda b: b[:2000] + bytes(x ^ 0xFF for x in b[2000:2016]) + b[2016:]),
+     ValueError, r"checkpoint .*model\.ckpt' is damaged: its entry .* fails its CRC-32 check"),
     ("softmax_weight_inf", lambda: SoftmaxTopK(load_balancing_weight=float("inf")), ValueError,
      r"load_balancing_weight must be a finite number, got inf"),
     ("sigmoid_rate_inf", lambda: SigmoidTopK(bias_update_rate=float("inf")), ValueError,
@@ -439,6 +467,14 @@ CASES = [
      r"router _ShiftedIds returned expert ids outside \[0, 4\) \(min 1[0-3], max 1[0-3]\)"),
     ("router_bad_shapes", lambda: layer(router=_FlatScores())(torch.randn(2, 8)), ValueError,
      r"router _FlatScores returned .*scores_TE \(2,\) for 2 tokens and 4 experts"),
+    ("text_empty_file", text_file(b""), ValueError, r"data_files entry '.*data\.txt' is empty"),
+    ("text_binary_file", text_file(b"\x00\x01\x02" * 100), ValueError, r"'.*data\.txt' holds binary data"),
+    ("text_latin1_file", text_file("café au lait\n".encode("latin1") * 50), ValueError,
+     r"'.*data\.txt' is not UTF-8 \(byte 0xe9 at offset 3\); convert it"),
+    ("text_directory", lambda tmp_path: TextDataModule(data_files=str(tmp_path)).setup("fit"), IsADirectoryError,
+     r"data_files entry '.*' is a directory; list the files inside"),
+    ("text_missing_tokenizer", lambda tmp_path: TextDataModule(data_files="x.txt", tokenizer=str(tmp_path / "t.json")),
+     FileNotFoundError, r"tokenizer='.*t\.json' is not a file; pass the tokenizer\.json"),
     ("monitor_float_labels", _float_labels, TypeError, r"batch\['domain_ids'\] holds torch.float32 values; labels "
      r"must be integer class ids"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 
 import torch
@@ -20,6 +21,29 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"TextDataModule needs `{module}`: pip install 'lightning-moe[text]'.") from e
+
+
+def _check_file(path: str) -> None:
+    """A data file that ``datasets`` would fail on with a bare ``DatasetGenerationError``: a directory, an empty
+    file, or (for the text formats) binary or non-UTF-8 content, judged from its first 64 KiB."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data_files entry {path!r} is a directory; list the files inside it instead.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data_files entry {path!r} is empty; remove it or point at a file with text.")
+    if os.path.splitext(path)[1].lower() == ".parquet":
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise ValueError(f"data_files entry {path!r} holds binary data (NUL bytes); pass text files (.txt, .jsonl, "
+                         ".csv) or .parquet.")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # final=False: a character cut at 64 KiB is fine
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data_files entry {path!r} is not UTF-8 (byte 0x{head[err.start]:02x} at offset {err.start}); convert "
+            "it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        ) from None
 
 
 class TextDataModule(WindowDataModule):
@@ -70,6 +94,11 @@ class TextDataModule(WindowDataModule):
         self.tokenizer = None
         self.splits: dict[str, TokenWindows] = {}
         if tokenizer is not None:
+            if not os.path.isfile(tokenizer):
+                raise FileNotFoundError(
+                    f"tokenizer={tokenizer!r} is not a file; pass the tokenizer.json a previous run wrote with "
+                    "save_tokenizer, or leave tokenizer unset to train one on the training split."
+                )
             self.tokenizer = _require("tokenizers").Tokenizer.from_file(tokenizer)
 
     @property
@@ -83,6 +112,8 @@ class TextDataModule(WindowDataModule):
             missing = [f for f in self.data_files if not os.path.exists(f)]
             if missing:
                 raise FileNotFoundError(f"data_files not found: {missing}.")
+            for f in self.data_files:
+                _check_file(f)
             if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
                 raise ValueError(f"data_files must share one extension of {sorted(_BUILDERS)}, got {sorted(exts)}.")
             ds = datasets.load_dataset(_BUILDERS[exts.pop()], data_files=self.data_files, split="train")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 
 import lightning.pytorch as pl
 import torch
@@ -17,7 +16,7 @@ from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_la
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.parallel import check_expert_parallel, clip_grad_norm_, expert_parallel_mesh, shard_experts
-from lightning_moe.utils import check_non_negative, check_positive
+from lightning_moe.utils import check_checkpoint_file, check_non_negative, check_positive
 
 LN2 = math.log(2)
 
@@ -117,16 +116,11 @@ class MoELanguageModel(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint``; a file that is not a checkpoint (truncated, empty, another format)
-        fails with a ValueError naming it, rather than torch.load's unpickling errors (whose advice to retry
-        with ``weights_only=False`` is unsafe for an unknown file)."""
-        try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(
-                f"cannot read checkpoint {checkpoint_path!r} ({type(e).__name__}): the file is empty, truncated or "
-                "not a PyTorch checkpoint; point at a file written by Trainer.save_checkpoint."
-            ) from e
+        """Lightning's ``load_from_checkpoint``; a file that is not a checkpoint (truncated, empty, another format) or
+        is damaged fails with a ValueError naming it (:func:`~lightning_moe.utils.check_checkpoint_file`), rather
+        than torch.load's unpickling errors or a silent load of changed bytes."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def setup(self, stage: str) -> None:
         # Checked here, in a Trainer only (configure_model also runs in load_from_checkpoint, outside any, where an
