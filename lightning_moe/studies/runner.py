@@ -323,8 +323,64 @@ def _process_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def study_lock(paths: StudyPaths) -> Iterator[None]:
+    """Hold ``<out>/.lock`` (the runner's pid) while a study runs: a second runner on the same output folder would
+    train the same run folders twice, concurrently. A lock whose process is gone (a killed runner) is taken over."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock = paths.root / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise StudyError(
+                    f"another `lightning-moe study run` (pid {pid}) is using {paths.root}; wait for it to finish or "
+                    f"stop it (kill {pid}), or pass a different --out."
+                ) from None
+            print(f"taking over the stale lock of a runner that is gone (pid {pid}) in {paths.root}", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A run dies with its study: when the process that started it is gone (the runner killed, even by SIGKILL,
+    takes its fork server with it), the run is reparented and stops here instead of training on unwatched."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lightning-moe-orphan-watch").start()
+
+
 def _child(args: list[str], log: str) -> None:
     """Body of a run's process: everything it prints goes to its log, then ``lightning-moe <args>`` runs."""
+    _exit_when_orphaned(os.getppid())
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -419,7 +475,8 @@ def run_study(
     seeds: Sequence[int] | None = None, conditions: Sequence[str] | None = None, out: str | Path | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Run what is not finished yet; see the module docstring for the files written.
+    """Run what is not finished yet, holding the output folder's lock; see the module docstring for the files
+    written.
 
     Args:
         study: the parsed study file.
@@ -431,8 +488,6 @@ def run_study(
         out: output folder (default ``runs/studies/<study name>``).
         progress: show a progress bar over runs.
     """
-    from tqdm.auto import tqdm  # installed with lightning
-
     if threads < 1:
         raise StudyError(f"--threads must be >= 1, got {threads}.")
     if workers is not None and workers < 1:
@@ -452,6 +507,16 @@ def run_study(
     base = {"study": study.name, "smoke": smoke, "workers": workers, "threads": threads, "hardware": hardware()}
     print(f"study {study.name}{' (smoke)' if smoke else ''}: {len(plans)} runs, {len(summary.skipped)} finished "
           f"earlier, {len(pending)} to run on {workers} worker(s); output in {paths.root}", file=sys.stderr)
+
+    with study_lock(paths):
+        return _run_pending(study, smoke, plans, pending, paths, workers, threads, base, summary, progress)
+
+
+def _run_pending(
+    study: Study, smoke: bool, plans: list[RunPlan], pending: list[RunPlan], paths: StudyPaths, workers: int,
+    threads: int, base: dict[str, Any], summary: RunSummary, progress: bool,
+) -> RunSummary:
+    from tqdm.auto import tqdm  # installed with lightning
 
     rejected = validate_plans(study, pending, paths, threads)
     for p in pending:
