@@ -129,3 +129,31 @@ def test_no_stale_state_warning_when_router_states_are_updated(tmp_path):
     from lightning_moe.callbacks import RouterStateUpdate
 
     assert stateful_fit(tmp_path, [RouterStateUpdate()]) == []
+
+
+def _fit_epochs(root, ckpt_path=None):
+    """Three epochs of [padded, ok] batches with a checkpoint after each; returns the monitors."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    callbacks = monitors()
+    saver = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=3, log_every_n_steps=1, callbacks=[*callbacks, saver], default_root_dir=root,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(UserModule(), DataLoader([batch("padded"), batch("ok")], batch_size=None),
+                    DataLoader([batch("ok")], batch_size=None), ckpt_path=ckpt_path)
+    return callbacks
+
+
+def test_the_users_run_resumes_with_the_monitors_state_as_if_never_stopped(tmp_path):
+    full = _fit_epochs(tmp_path / "full")
+    (after_two,) = (tmp_path / "full" / "ckpt").glob("epoch=1-*.ckpt")
+    resumed = _fit_epochs(tmp_path / "resumed", ckpt_path=after_two)
+    for a, b in zip(full, resumed):
+        assert b.skipped_batches == a.skipped_batches == {"train": 3, "val": 0}
+        assert b.logged.keys() == a.logged.keys()
+        for key, value in a.logged.items():
+            assert b.logged[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
