@@ -175,3 +175,11 @@ def test_paper_tables_reach_the_sections_and_a_missing_one_names_the_file(tmp_pa
         ctx.paper_table("perplexity")
     with pytest.raises(StudyError, match="paper_tables"):
         load_study(write_study(tmp_path, STUDY + "paper_tables: [0.32]\n"))
+
+
+def test_companions_must_be_study_folders(tmp_path):
+    (tmp_path / "lm").mkdir()
+    with pytest.raises(StudyError, match=r"companions: 'lm' has no study.yaml"):
+        load_study(write_study(tmp_path, STUDY + "companions: [lm]\n"))
+    (tmp_path / "lm" / "study.yaml").write_text("base: ../base.yaml\n")
+    assert load_study(write_study(tmp_path, STUDY + "companions: [lm]\n")).companions == ((tmp_path / "lm").resolve(),)

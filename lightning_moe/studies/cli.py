@@ -10,9 +10,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
-from lightning_moe.studies.spec import StudyError, load_study, plan_runs
+from lightning_moe.studies.spec import Study, StudyError, load_study, plan_runs
+
+if TYPE_CHECKING:
+    from lightning_moe.studies.runner import RunSummary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="apply the study's smoke block; runs and report go to <out>/smoke/")
     common.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
     common.add_argument("--conditions", nargs="+", help="only these conditions")
+    common.add_argument("--no-companions", action="store_true",
+                        help="only this study, not the companion studies its study.yaml lists")
     common.add_argument("--out", help="output folder of the runs and, when given, of the report (default: "
                         "runs/studies/<study name>, with the report in the study folder)")
     run = sub.add_parser("run", parents=[common], help="run what is not finished yet, then write the report")
@@ -41,40 +47,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_and_report(
+    study: Study, args: argparse.Namespace, out: str | Path | None, companions: Sequence[str] = (),
+) -> tuple[Path, RunSummary | None, str]:
+    """Run (for ``run``) and report one study; ``(report path, run summary or None, claims line)``."""
+    from lightning_moe.studies.report import Results, claim_verdicts, claims_line, write_report
+    from lightning_moe.studies.runner import StudyPaths, export_records, read_rows, run_study
+
+    plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
+    paths = StudyPaths.of(study, out, args.smoke)
+    summary = None
+    if args.action == "run":
+        summary = run_study(
+            study, smoke=args.smoke, workers=args.workers, threads=args.threads, seeds=args.seeds,
+            conditions=args.conditions, out=out, progress=not args.no_progress,
+        )
+    default = not args.smoke and out is None
+    if default and args.action == "run":
+        paths = export_records(study, paths)
+    elif default and StudyPaths.of_records(study).rows.is_file():
+        paths = StudyPaths.of_records(study)
+    report = write_report(study, plans, paths, args.smoke, companions)
+    line = claims_line(claim_verdicts(study, Results.of(plans, read_rows(paths.rows)))) if study.claims else "no claims"
+    print(f"report: {report}", file=sys.stderr)
+    return report, summary, line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-moe study``; returns the exit status."""
-    from lightning_moe.studies.report import write_report
-    from lightning_moe.studies.runner import StudyPaths, export_records, run_study, validate_plans
+    from lightning_moe.studies.report import companions_section
+    from lightning_moe.studies.runner import StudyPaths, validate_plans
 
     args = _parser().parse_args(argv)
+    summaries = []
     try:
         study = load_study(args.study)
-        plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
-        paths = StudyPaths.of(study, args.out, args.smoke)
         if args.action == "run" and args.dry_run:
+            plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
+            paths = StudyPaths.of(study, args.out, args.smoke)
             for p in plans:
                 print(f"{p.run_id}: lightning-moe {shlex.join(p.cli_args(Path.cwd()))}")
             return 1 if validate_plans(study, plans, paths, args.threads) else 0
-        summary = None
-        if args.action == "run":
-            summary = run_study(
-                study, smoke=args.smoke, workers=args.workers, threads=args.threads, seeds=args.seeds,
-                conditions=args.conditions, out=args.out, progress=not args.no_progress,
-            )
-        default = not args.smoke and args.out is None
-        if default and args.action == "run":
-            paths = export_records(study, paths)
-        elif default and StudyPaths.of_records(study).rows.is_file():
-            paths = StudyPaths.of_records(study)
-        report = write_report(study, plans, paths, args.smoke)
+        # Companions come with a whole-study command only: --seeds and --conditions name this study's.
+        companions = [] if args.seeds or args.conditions or args.no_companions else study.companions
+        done = []
+        for folder in companions:
+            companion = load_study(folder)
+            out = None if args.out is None else Path(args.out) / companion.name
+            report, summary, line = _run_and_report(companion, args, out)
+            summaries.append(summary)
+            done.append((companion, report, line))
+        report_dir = StudyPaths.of(study, args.out, args.smoke).report_dir
+        _, summary, _ = _run_and_report(study, args, args.out, companions_section(report_dir, done))
+        summaries.append(summary)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130  # the conventional status of a command stopped by Ctrl-C; the runner said what was kept
-    print(f"report: {report}", file=sys.stderr)
-    if summary is not None and not summary.ok:
-        print(f"{len(summary.failed)} run(s) failed and {len(summary.invalid)} were rejected; see the report's "
-              f"Problems section.", file=sys.stderr)
+    failed = [s for s in summaries if s is not None and not s.ok]
+    if failed:
+        print(f"{sum(len(s.failed) for s in failed)} run(s) failed and {sum(len(s.invalid) for s in failed)} were "
+              "rejected; see the reports' Problems sections.", file=sys.stderr)
         return 1
     return 0

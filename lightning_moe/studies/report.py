@@ -288,9 +288,58 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def claim_verdicts(study: Study, results: Results) -> list[tuple[Any, Any, str, Any]]:
+    """``(claim, our verdict, "held in k/n seeds", the paper's verdict)`` for every claim of the study."""
+    seeds = results.seeds()
+    out = []
+    for claim in study.claims:
+        holds, decided = seed_agreement(claim, seeds, lambda s: _one_seed(results, s))
+        out.append((claim, evaluate(claim, _ours(results)), f"{holds}/{decided}", evaluate(claim, _paper(study))))
+    return out
+
+
+def claims_line(verdicts: Sequence[tuple[Any, Any, str, Any]]) -> str:
+    """"n hold, m fail, k cannot be decided": the summary of a claims table."""
+    counts = {s: sum(v[1].status == s for v in verdicts) for s in ("holds", "fails", "n/a")}
+    return f"{counts['holds']} hold, {counts['fails']} fail, {counts['n/a']} cannot be decided (a number is missing)"
+
+
+def _claims_section(study: Study, results: Results) -> list[str]:
+    out = ["## Claims", ""]
+    if not study.claims:
+        return out + ["The study states no claims.", ""]
+    verdicts = claim_verdicts(study, results)
+    out += [f"{claims_line(verdicts)}. Verdicts use the means over seeds; `seeds` counts the seeds in which the claim "
+            "holds on that seed's own numbers; `paper` checks the same claim on the paper's numbers.", ""]
+    out += markdown_table(
+        ["claim", "verdict", "deciding numbers (ours)", "seeds", "paper"],
+        [(c.name + (f" ({c.note})" if c.note else ""), f"**{'FAILS' if o.status == 'fails' else o.status}**",
+          o.detail, s, p.status if p.status == "n/a" else f"{p.status}: {p.detail}")
+         for c, o, s, p in verdicts],
+    )
+    return out + [""]
+
+
+def _paper_vs_ours(study: Study, results: Results) -> list[str]:
+    """Every (condition, metric) the paper gives a number for: ours beside it, with the ratio."""
+    rows = []
+    for c in results.conditions():
+        for m, label in study.metrics.items():
+            paper = study.paper_value(c, m)
+            ours_mean, ours_std = mean_std(list(results.values(c, m).values()))
+            if paper is None:
+                continue
+            ratio = f"{ours_mean / paper.mean:.2f}" if ours_mean is not None and paper.mean else _DASH
+            rows.append([c, label, mean_std_text(ours_mean, ours_std), _paper_text(paper), ratio])
+    if not rows:
+        return []
+    return ["## Ours beside the paper", "", "Every number the paper gives, beside ours (mean ± std over seeds).", ""] + \
+        markdown_table(["condition", "metric", "ours", "paper", "ours / paper"], rows) + [""]
+
+
 def render(
     study: Study, results: Results, smoke: bool, out_dir: str, plots: Mapping[str, str], plot_note: str = "",
-    sections: Sequence[str] = (),
+    sections: Sequence[str] = (), companions: Sequence[str] = (),
 ) -> str:
     """The report's Markdown; ``out_dir`` is the output folder and ``plots`` maps metric -> image path, both
     relative to the report; ``sections`` are the study's own Markdown lines, placed after the claims."""
@@ -311,8 +360,12 @@ def render(
         f"Paper numbers: {study.reference or 'none (this is not a paper study)'}.",
         "Claims are checked as written in the study file; a claim that does not hold at our scale is reported as "
         "failing, with its numbers. Nothing was tuned to make a claim pass.",
-        "", "## Conditions", "",
+        "",
     ]
+    out += _claims_section(study, results)
+    out += _paper_vs_ours(study, results)
+    out += list(companions)
+    out += ["## Conditions", ""]
     shown = [c for c in study.conditions if c.name in results.conditions()]
     described = any(c.description for c in shown)
     out += markdown_table(["condition", "overrides (on top of the base config)"] + (["description"] if described else []),
@@ -323,8 +376,9 @@ def render(
     out += ["", f"Base config(s): {', '.join(f'`{os.path.relpath(b, study.dir)}`' for b in study.base)}"
             + "".join(f"; {e}" for e in extra) + ".", ""]
 
-    out += ["## Results", "", "Final logged value of each metric: mean ± std (sample std) over the finished seeds; "
-            f"`paper` is the paper's number for the same condition ({_DASH} = the paper gives none).", ""]
+    # The full table is wide (two columns per metric): folded, the headline tables above say what matters.
+    out += ["## Results", "", "<details><summary>Every metric: final logged value, mean ± std (sample std) over the "
+            f"finished seeds, beside the paper's number for the same condition ({_DASH} = none)</summary>", ""]
     header = ["condition", "n"]
     for m in study.metrics:
         header += [m, "paper"]
@@ -337,33 +391,7 @@ def render(
                     _paper_text(study.paper_value(c, m))]
         table.append(row)
     out += markdown_table(header, table)
-    out += ["", "Metrics: " + "; ".join(f"`{k}` = {v}" for k, v in study.metrics.items()) + ".", ""]
-    not_logged = [(c, m) for c in results.conditions() for m in study.metrics
-                  if any(r["condition"] == c for r in ok_rows) and not results.values(c, m)]
-    if not_logged:
-        out += ["Not logged by any finished run: " + ", ".join(f"{c} `{m}`" for c, m in not_logged) + ".", ""]
-
-    out += ["## Claims", ""]
-    if not study.claims:
-        out += ["The study states no claims.", ""]
-    else:
-        verdicts = []
-        for claim in study.claims:
-            ours = evaluate(claim, _ours(results))
-            holds, decided = seed_agreement(claim, seeds, lambda s: _one_seed(results, s))
-            paper = evaluate(claim, _paper(study))
-            verdicts.append((claim, ours, f"{holds}/{decided}", paper))
-        counts = {s: sum(v[1].status == s for v in verdicts) for s in ("holds", "fails", "n/a")}
-        out += [f"{counts['holds']} hold, {counts['fails']} fail, {counts['n/a']} cannot be decided (a number is "
-                "missing). Verdicts use the means over seeds; `seeds` counts the seeds in which the claim holds on "
-                "that seed's own numbers; `paper` checks the same claim on the paper's numbers.", ""]
-        out += markdown_table(
-            ["claim", "verdict", "deciding numbers (ours)", "seeds", "paper"],
-            [(c.name + (f" ({c.note})" if c.note else ""), f"**{'FAILS' if o.status == 'fails' else o.status}**",
-              o.detail, s, p.status if p.status == "n/a" else f"{p.status}: {p.detail}")
-             for c, o, s, p in verdicts],
-        )
-        out.append("")
+    out += ["", "Metrics: " + "; ".join(f"`{k}` = {v}" for k, v in study.metrics.items()) + ".", "", "</details>", ""]
 
     out += list(sections)
     if plots or plot_note:
@@ -405,9 +433,10 @@ def render(
 
 
 def write_report(
-    study: Study, plans: Sequence[RunPlan], paths: StudyPaths, smoke: bool = False,
+    study: Study, plans: Sequence[RunPlan], paths: StudyPaths, smoke: bool = False, companions: Sequence[str] = (),
 ) -> Path:
-    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return the report's path."""
+    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return the report's path.
+    ``companions`` are Markdown lines summarising the companion studies, placed after the headline tables."""
     rows = read_rows(paths.rows)
     if not rows:
         raise StudyError(
@@ -431,5 +460,15 @@ def write_report(
     report_dir.mkdir(parents=True, exist_ok=True)
     out_dir = RECORDS_DIR if paths.records else Path(os.path.relpath(paths.root.resolve(), report_dir.resolve())).as_posix()
     sections = study_sections(ReportContext(study, results, paths, report_dir, smoke)) if results.ok else []
-    report.write_text(render(study, results, smoke, out_dir, plots, note, sections))
+    report.write_text(render(study, results, smoke, out_dir, plots, note, sections, companions))
     return report
+
+
+def companions_section(parent_dir: Path, reports: Sequence[tuple[Study, Path, str]]) -> list[str]:
+    """The parent report's table of its companion studies: title, claims verdicts, link to each report."""
+    if not reports:
+        return []
+    rows = [[study.title, line, f"[{os.path.relpath(report, parent_dir)}]({os.path.relpath(report, parent_dir)})"]
+            for study, report, line in reports]
+    return ["## Companion studies", "", "Run and reported with this study (`lightning-moe study run` on this folder "
+            "runs them all).", ""] + markdown_table(["study", "claims", "report"], rows) + [""]

@@ -30,6 +30,7 @@ to collect, the paper's numbers and the claims to check, all as data. The commen
                                                            # :class:`lightning_moe.studies.report.ReportContext`
     paper_tables:               # optional: the paper's numbers that are no metric of ours (per-layer values,
       cosine: {L0: 0.32}        # trajectories), as plain data for the sections: ``ReportContext.paper_table``
+    companions: [lm, beta]      # optional: study folders run and reported with this one, summarised in its report
 
 Overrides are applied in this order, later ones winning: ``overrides``, the condition's, the grid point's, the
 seed keys, the smoke overrides; the runner then sets the run's output folder, ``torch_threads`` and its
@@ -55,7 +56,7 @@ STUDY_FILE = "study.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 _STUDY_KEYS = {
     "name", "title", "description", "reference", "base", "overrides", "seeds", "seed_keys", "metrics",
-    "conditions", "grid", "paper", "claims", "smoke", "sections", "paper_tables",
+    "conditions", "grid", "paper", "claims", "smoke", "sections", "paper_tables", "companions",
 }
 _CONDITION_KEYS = {"name", "overrides", "configs", "paper", "description"}
 _SMOKE_KEYS = {"seeds", "overrides"}
@@ -104,6 +105,7 @@ class Study:
     smoke_overrides: dict[str, Any]
     sections: str = ""
     paper_tables: dict[str, Any] = dataclasses.field(default_factory=dict)
+    companions: tuple[Path, ...] = ()
 
     @property
     def dir(self) -> Path:
@@ -379,7 +381,23 @@ def load_study(path: str | Path) -> Study:
         smoke_overrides=_overrides(smoke.get("overrides"), "smoke.overrides"),
         sections=_sections(raw.get("sections")),
         paper_tables=dict(_mapping(raw.get("paper_tables"), "paper_tables", "{cosine: {L0: 0.32}}")),
+        companions=_companions(raw.get("companions"), root),
     )
+
+
+def _companions(raw: Any, root: Path) -> tuple[Path, ...]:
+    """Study folders (relative to this one) run and reported with it, each holding its own study file."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise StudyError(f"companions must be a list of study folders relative to the study file, got {raw!r}.")
+    out = []
+    for c in raw:
+        folder = (root / c).resolve()
+        if not (folder / STUDY_FILE).is_file():
+            raise StudyError(f"companions: {c!r} has no {STUDY_FILE} (folders are relative to the study file's).")
+        out.append(folder)
+    return tuple(out)
 
 
 def _sections(raw: Any) -> str:
