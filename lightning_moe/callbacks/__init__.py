@@ -4,14 +4,16 @@ optimizer step, and result tables.
 The monitors work on any model whose MoE layers an adapter recognises (:mod:`lightning_moe.adapters`).
 """
 
+from lightning_moe.callbacks.consistency import RoutingConsistencyMonitor
 from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor, coupling_metric_name
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
 from lightning_moe.callbacks.monitor import RoutingMonitor
-from lightning_moe.callbacks.plots import matplotlib_available
+from lightning_moe.callbacks.plots import log_figure, matplotlib_available
 from lightning_moe.callbacks.results import ResultTable
 from lightning_moe.callbacks.router_state import RouterStateUpdate
 from lightning_moe.callbacks.specialization import SpecializationMonitor
+from lightning_moe.callbacks.traces import RoutingTraceWriter, read_routing_traces
 from lightning_moe.callbacks.transitions import TransitionMonitor
 
 __all__ = [
@@ -21,9 +23,13 @@ __all__ = [
     "ResultTable",
     "RouterGeometryMonitor",
     "RouterStateUpdate",
+    "RoutingConsistencyMonitor",
     "RoutingMonitor",
+    "RoutingTraceWriter",
     "SpecializationMonitor",
     "TransitionMonitor",
     "coupling_metric_name",
+    "log_figure",
     "matplotlib_available",
+    "read_routing_traces",
 ]
