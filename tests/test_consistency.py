@@ -142,3 +142,40 @@ def test_state_survives_resume(full):
 def test_reference_step_must_be_a_step():
     with pytest.raises(ValueError, match="reference_step must be None or an optimizer step >= 0, got -1"):
         RoutingConsistencyMonitor(reference_step=-1)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face families
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_huggingface_families_are_traced_and_compared(family, tmp_path):
+    pytest.importorskip("pyarrow")
+    from lightning_moe.callbacks import RoutingTraceWriter, read_routing_traces
+    from tests.test_adapters_huggingface import _model
+
+    class HFModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _model(family).train()
+
+        def forward(self, input_ids):
+            return self.model(input_ids)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch["input_ids"], labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 64, (8,), generator=g)} for _ in range(8)]
+    probe = {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}
+    consistency = RoutingConsistencyMonitor(probe=probe, input_key="input_ids", every_n_steps=1, plots=False)
+    traces = RoutingTraceWriter(dirpath=tmp_path, tokens_per_step=3, every_n_steps=2, label_keys=["input_ids"])
+    pl.Trainer(max_steps=4, callbacks=[consistency, traces], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+               accelerator="cpu").fit(HFModule(), torch.utils.data.DataLoader(data, batch_size=2))
+    layers = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+    assert read_routing_traces(tmp_path, format="arrow").num_rows == 2 * 2 * 3  # steps 2, 4 x 2 layers x 3 tokens
+    assert consistency.history_steps == [1, 2, 3, 4] and sorted(consistency.saturation_vs_final) == layers
+    for layer in layers:
+        assert all(0.0 <= s <= 1.0 for s in consistency.saturation_vs_final[layer])
+        assert len(consistency.curves["fluctuation"][layer]) == 3
