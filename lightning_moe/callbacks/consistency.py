@@ -49,8 +49,8 @@ class RoutingConsistencyMonitor(RoutingMonitor):
     (the curve of OLMoE's Figure 8), aligned with ``history_steps``; plot ``consistency_saturation.png`` shows it.
     The probe batches, the recorded routings and the curves are saved in the callback's checkpoint state.
 
-    Under DDP every rank routes the *whole* probe set (it is taken from the un-sharded validation loader, or given),
-    with identical replicas, so every rank computes identical values without any collective.
+    Under DDP every rank routes the *whole* probe set (rank zero's, broadcast once at the start of fit; or the one
+    given) with identical replicas, so every rank computes identical values without a collective per check.
 
     Args:
         probe: the probe batch (or a list of batches) to route; default the first ``probe_batches`` batches of the
@@ -109,14 +109,15 @@ class RoutingConsistencyMonitor(RoutingMonitor):
         else:
             reason = "it has no batches"
         batches = list(islice(iter(loader), self.probe_batches)) if loader is not None else []
+        # Rank zero's probe on every rank: a shuffled validation loader must not give ranks different probes.
+        batches = trainer.strategy.broadcast([move_data_to_device(b, torch.device("cpu")) for b in batches])
         if not batches:
             rank_zero_warn(
                 f"{type(self).__name__} found no probe set ({type(source).__name__}.val_dataloader(): {reason}); it "
                 "logs nothing. Pass probe=<a batch> or add a validation dataloader."
             )
             return
-        # On CPU: the probe is kept across checks and saved in the checkpoint.
-        self.probe = [move_data_to_device(b, torch.device("cpu")) for b in batches]
+        self.probe = batches  # on the CPU: kept across checks and saved in the checkpoint
 
     def _forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self.probe_forward is not None:
