@@ -3,6 +3,7 @@ figures handed to loggers that take images."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 
@@ -78,8 +79,6 @@ def test_both_layers_trace_the_same_tokens(full):
 def test_resume_appends_shards_and_continues_the_counts(full, tmp_path):
     writer, root = full
     # A copy of the interrupted run's folder as of its step-4 checkpoint (shards 2 and 4), then the resume.
-    import shutil
-
     (tmp_path / "traces").mkdir()
     for name in writer.shards[:2]:
         shutil.copy(root / "traces" / name, tmp_path / "traces" / name)
