@@ -180,3 +180,16 @@ def test_huggingface_families_are_traced_and_compared(family, tmp_path):
         assert all(0.0 <= s <= 1.0 for s in consistency.saturation_vs_final[layer])
         assert len(consistency.curves["fluctuation"][layer]) == 3
     assert min(min(v) for v in consistency.saturation_vs_final.values()) < 1.0  # lr=0.5 moves the routing
+
+
+def test_without_validation_data_or_probe_it_warns_and_logs_nothing(tmp_path):
+    from tests.helpers import TinyLMData
+
+    monitor = RoutingConsistencyMonitor(every_n_steps=1, plots=False)
+    module = MoELanguageModel(**TINY, warmup_steps=1)
+    with pytest.warns(UserWarning, match="RoutingConsistencyMonitor found no probe set") as record:
+        pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+                   callbacks=[monitor]).fit(module, TinyLMData().train_dataloader())
+    assert len([w for w in record if "found no probe set" in str(w.message)]) == 1
+    assert monitor.history_steps == [] and monitor.logged == {}
