@@ -10,9 +10,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.callbacks import RoutingConsistencyMonitor
 from lightning_moe.data import ByteCorpusDataModule
+from lightning_moe.gating import ExpertChoice
 from lightning_moe.metrics import RoutingOverlap, order_by_weight, router_saturation, routing_fluctuation
 from lightning_moe.modules import MoELanguageModel
-from tests.helpers import TINY
+from tests.helpers import TINY, TinyLMData
 
 A_TK = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
 
@@ -183,8 +184,6 @@ def test_huggingface_families_are_traced_and_compared(family, tmp_path):
 
 
 def test_without_validation_data_or_probe_it_warns_and_logs_nothing(tmp_path):
-    from tests.helpers import TinyLMData
-
     monitor = RoutingConsistencyMonitor(every_n_steps=1, plots=False)
     module = MoELanguageModel(**TINY, warmup_steps=1)
     with pytest.warns(UserWarning, match="RoutingConsistencyMonitor found no probe set") as record:
@@ -193,3 +192,15 @@ def test_without_validation_data_or_probe_it_warns_and_logs_nothing(tmp_path):
                    callbacks=[monitor]).fit(module, TinyLMData().train_dataloader())
     assert len([w for w in record if "found no probe set" in str(w.message)]) == 1
     assert monitor.history_steps == [] and monitor.logged == {}
+
+
+def test_expert_choice_layers_are_skipped_with_one_warning(tmp_path):
+    module = MoELanguageModel(**TINY, router=ExpertChoice(allow_non_causal=True), warmup_steps=1)
+    monitor = RoutingConsistencyMonitor(probe={"tokens": torch.zeros(2, 8, dtype=torch.long)}, every_n_steps=1,
+                                        plots=False)
+    with pytest.warns(UserWarning, match="variable number of experts") as record:
+        pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+                   callbacks=[monitor]).fit(module, TinyLMData().train_dataloader())
+    assert len([w for w in record if "variable number of experts" in str(w.message)]) == 1
+    assert monitor.history == {}

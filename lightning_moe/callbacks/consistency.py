@@ -144,7 +144,9 @@ class RoutingConsistencyMonitor(RoutingMonitor):
                 batch = move_data_to_device(batch, pl_module.device)
                 self._forward(pl_module, batch)
                 for layer, event in self._events.items():
-                    if layer in self.taps:
+                    if event.mask_TK is not None:
+                        self._warn_variable_k(layer)
+                    elif layer in self.taps:
                         experts_TK = order_by_weight(event.experts_TK, event.weights_TK)
                         routed.setdefault(layer, []).append((experts_TK, event.kept_T(self.batch_mask_T(event, batch))))
         finally:
@@ -157,6 +159,15 @@ class RoutingConsistencyMonitor(RoutingMonitor):
             keep_T = torch.cat(keeps).cpu() if any(k is not None for _, k in parts) else None
             out[layer] = (torch.cat([e for e, _ in parts]), keep_T)
         return out
+
+    def _warn_variable_k(self, layer: str) -> None:
+        # Saturation compares top-K sets of equal size; expert choice lists every expert with weight-0 padding.
+        if not self._warned_probe:
+            rank_zero_warn(
+                f"{type(self).__name__}: layer {layer!r} gives tokens a variable number of experts (expert choice), "
+                "where top-K overlap is not defined; such layers are skipped. Use layers=[...] to leave them out."
+            )
+            self._warned_probe = True
 
     # ----------------------------------------------------------------------------------------------- checks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -6,7 +6,8 @@ Legend: T tokens of a batch (flattened batch*sequence), K slots, E experts, B ba
 Row layout: one row per (step, layer, sampled token), columns ``step`` (the optimizer step count after the batch,
 as the monitors log it), ``rank``, ``batch_idx``, ``layer``, ``sample`` (row in the batch), ``position`` (in the
 sequence), one column per ``label_keys`` entry, and list columns ``experts`` (int), ``weights`` (float32) and
-optionally ``scores`` (float32, all E). pyarrow and datasets are imported only when used.
+optionally ``scores`` (float32, all E). Expert-choice layers write all their padded slots (weight 0 where an
+expert did not choose the token). pyarrow and datasets are imported only when used.
 """
 
 from __future__ import annotations
