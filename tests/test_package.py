@@ -13,7 +13,7 @@ def test_import_pulls_in_no_optional_backend():
         "import sys, lightning.pytorch, torchmetrics; before = set(sys.modules); "
         "import lightning_moe, lightning_moe.callbacks, lightning_moe.metrics, lightning_moe.adapters; "
         "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} & "
-        "{'matplotlib', 'transformers', 'datasets', 'tokenizers', 'megablocks', 'pytorch_lightning'}))"
+        "{'matplotlib', 'transformers', 'datasets', 'pyarrow', 'tokenizers', 'megablocks', 'pytorch_lightning'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

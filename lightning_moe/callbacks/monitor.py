@@ -82,6 +82,9 @@ class RoutingMonitor(pl.Callback):
         self._events: dict[str, RoutingEvent] = {}
         self._pending_state: dict[str, Any] | None = None
         self._warned_no_matplotlib = False
+        self._plot_loggers: list[Any] = []  # the Trainer's loggers while plotting: figures go to them too
+        self._plot_step = 0
+        self._warned_loggers: set[str] = set()  # logger types that failed to take a figure (warned once)
         self._device = torch.device("cpu")
         self._built_for: dict[str, int] | None = None  # layer -> num_experts the metrics were built for
         # Batches with no countable token (fully padded, or every label ignored), per stage: a guest skips and
@@ -339,6 +342,7 @@ class RoutingMonitor(pl.Callback):
                 )
                 self._warned_no_matplotlib = True
             return
+        self._plot_loggers, self._plot_step = trainer.loggers, trainer.global_step
         self._plot(directory)
 
     @staticmethod
@@ -351,7 +355,9 @@ class RoutingMonitor(pl.Callback):
             write_json_atomic(path, data)
 
     def save_figure(self, fig, directory: Path, stem: str) -> Path:
-        return save(fig, directory / f"{self.name}_{stem}.png")
+        """Save ``fig`` as ``<name>_<stem>.png`` and hand it to the Trainer's loggers that take images."""
+        return save(fig, directory / f"{self.name}_{stem}.png", self._plot_loggers, self._plot_step,
+                    self._warned_loggers)
 
     # ------------------------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -364,8 +370,9 @@ class RoutingMonitor(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks after ``setup``; if the metrics do not exist yet, apply at setup.
-        if self.metrics:
+        # Lightning restores callbacks after ``setup``; if setup has not built the metrics yet, apply at setup
+        # (a monitor without metrics is built too, once setup has run).
+        if self._built_for is not None:
             self._apply_state(state_dict)
         else:
             self._pending_state = state_dict

@@ -6,10 +6,12 @@ with ``matplotlib.figure.Figure`` (no pyplot), so no global backend or figure re
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -60,7 +62,49 @@ def heatmap(fig: Any, ax: Any, matrix_RC: Tensor, title: str, xlabel: str, ylabe
     fig.colorbar(image, ax=ax, label=colorbar)
 
 
-def save(fig: Any, path: Path) -> Path:
+def save(fig: Any, path: Path, loggers: Sequence[Any] = (), step: int = 0, warned: set[str] | None = None) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and hand it to every logger in ``loggers`` that takes images
+    (:func:`log_figure`, tagged with the file's stem)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    log_figure(loggers, path.stem, fig, step, warned)
     return path
+
+
+def figure_rgb(fig: Any) -> Any:
+    """The figure rendered as an ``[H, W, 3]`` uint8 numpy array (Agg, no pyplot)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_figure(loggers: Sequence[Any], tag: str, fig: Any, step: int, warned: set[str] | None = None) -> int:
+    """Hand ``fig`` to every logger that takes images; returns how many took it.
+
+    Duck-typed, so no logger package is imported: ``logger.log_image(key=tag, images=[rgb], step=step)``
+    (Weights & Biases, Neptune, ...) else ``logger.experiment.add_figure(tag, fig, global_step=step)``
+    (TensorBoard). A logger that fails warns once per logger type (recorded in ``warned``) and is skipped: a
+    figure is never worth stopping the host's fit."""
+    taken = 0
+    for logger in loggers:
+        try:
+            if callable(getattr(logger, "log_image", None)):
+                logger.log_image(key=tag, images=[figure_rgb(fig)], step=step)
+            else:
+                add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+                if not callable(add_figure):
+                    continue  # a logger without images (CSV)
+                # close=False: TensorBoard would otherwise close it through pyplot, which these figures avoid.
+                add_figure(tag, fig, global_step=step, close=False)
+            taken += 1
+        except Exception as err:  # noqa: BLE001 - a guest's figure never breaks the host's logging
+            name = type(logger).__name__
+            if warned is None or name not in warned:
+                rank_zero_warn(f"{name} did not take the figure {tag!r} ({type(err).__name__}: {err}); it is still "
+                               "saved as a PNG. This warning is shown once per logger type.")
+                if warned is not None:
+                    warned.add(name)
+    return taken

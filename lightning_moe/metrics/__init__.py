@@ -3,6 +3,7 @@
 Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP synchronisation is exact.
 """
 
+from lightning_moe.metrics.consistency import RoutingOverlap, order_by_weight, router_saturation, routing_fluctuation
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, correlation_log10_p, coupling_stats
 from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
 from lightning_moe.metrics.diagnostics import CoActivation, MarginHistogram, decision_margins_T
@@ -24,6 +25,7 @@ __all__ = [
     "LabelSpecialization",
     "LayerCoupling",
     "MarginHistogram",
+    "RoutingOverlap",
     "ScoreActivationCoupling",
     "TokenSpecialization",
     "TransitionRouting",
@@ -35,8 +37,11 @@ __all__ = [
     "load_percentiles",
     "load_stats",
     "mass_coverage_T",
+    "order_by_weight",
     "rankdata",
     "router_geometry",
+    "router_saturation",
+    "routing_fluctuation",
     "share_matrix_CE",
     "spearman",
     "specialization_stats",
