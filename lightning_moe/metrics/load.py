@@ -32,8 +32,8 @@ def load_stats(counts_E: Tensor, check_empty: bool = True) -> dict[str, Tensor]:
     if check_empty and mean <= 0:
         raise ValueError("no routed tokens were counted; update the metric with at least one routing decision.")
     shares = loads / loads.sum()
-    nz = shares[shares > 0]
-    entropy = -(nz * nz.log()).sum() / math.log(E) if E > 1 else torch.ones((), dtype=torch.float64)
+    # xlogy: 0 log 0 = 0 without selecting the non-zero shares (a boolean mask is a host sync on a GPU).
+    entropy = -torch.special.xlogy(shares, shares).sum() / math.log(E) if E > 1 else loads.new_ones(())
     return {
         "cv": loads.std(correction=0) / mean,
         "max_over_mean": loads.max() / mean,
