@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lightning_moe.utils as utils
-from lightning_moe.gating import ExpertChoice, SigmoidTopK, SoftmaxTopK
+from lightning_moe.gating import ExpertChoice, KMeansRouter, SigmoidTopK, SoftmaxTopK, TransitionRouter
 from lightning_moe.layers import MoELayer, NonFiniteRoutingError, moe_layers, raise_deferred_checks
 from lightning_moe.metrics import ExpertLoad, LabelSpecialization, TokenSpecialization
 from lightning_moe.modules import MoELanguageModel
@@ -73,8 +73,9 @@ def test_count_ids_without_bincount_gives_bincount(gpu_like):
     assert count_ids(ids, 5).dtype == torch.int64
 
 
-@pytest.mark.parametrize("router", [SoftmaxTopK, SigmoidTopK, lambda: ExpertChoice(group="position")],
-                         ids=["softmax", "sigmoid", "expert_choice"])
+@pytest.mark.parametrize("router", [SoftmaxTopK, SigmoidTopK, lambda: ExpertChoice(group="position"), KMeansRouter,
+                                    lambda: TransitionRouter(beta=True, precision=True, anticipation=True)],
+                         ids=["softmax", "sigmoid", "expert_choice", "kmeans", "transition"])
 def test_training_step_reads_nothing_back_to_the_host(no_host_reads, router):
     lm = MoELanguageModel(**TINY, router=router(), warmup_steps=1)
     batch = next(iter(TinyLMData().train_dataloader()))
