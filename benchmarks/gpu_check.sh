@@ -209,6 +209,14 @@ run() {
   local total=0; for entry in "${STEPS[@]}"; do IFS='|' read -r _ box _ _ <<< "$entry"; total=$((total + box)); done
   echo "sum of time boxes ${total}s; the run stops at ${BUDGET_S}s whatever the boxes say"
   bash -n "${BASH_SOURCE[0]}" && echo "script syntax: ok"
+  local f absent=""
+  for f in $NATIVE_TESTS benchmarks/bench_moe_layer.py benchmarks/bench_megablocks.py; do
+    [ -e "$ROOT/$f" ] || absent+=" $f"
+  done
+  [ -z "$absent" ] && echo "tests and benchmarks named by the steps: present" || echo "MISSING from the tree:$absent"
+  "$PY" -c "import lightning_moe, pytest, benchmarks.bench_moe_layer" 2>/dev/null \
+    && echo "python imports (lightning_moe from the tree, pytest, the benchmark): ok" \
+    || echo "python imports FAIL: $("$PY" -c 'import lightning_moe, pytest, benchmarks.bench_moe_layer' 2>&1 | tail -1)"
   [ "$dry" = 1 ] && { echo "dry run: nothing executed"; return 0; }
   if ! have_cuda && [ -z "${GPU_CHECK_SIMULATE:-}" ]; then
     echo "gpu_check: no CUDA GPU is visible to torch ($("$PY" -c 'import torch; print(torch.__version__, "CUDA build:", torch.version.cuda is not None)' 2>&1)); $(command -v nvidia-smi >/dev/null && echo 'nvidia-smi is present' || echo 'no nvidia-smi'). Nothing was measured: run this on a CUDA machine." >&2
