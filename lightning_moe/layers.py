@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_moe.experts.native import Activation, Backend, Experts, gelu
 from lightning_moe.gating.base import Router, Routing
 from lightning_moe.gating.softmax_topk import SoftmaxTopK
-from lightning_moe.utils import check_non_negative, check_positive_int
+from lightning_moe.utils import DeferredChecks, check_non_negative, check_now, check_positive_int
 
 
 class NonFiniteRoutingError(ValueError):
@@ -55,10 +55,12 @@ class MoELayer(nn.Module):
         backend: ``native`` (any device) or ``megablocks`` (CUDA with MegaBlocks installed).
         shared_d_ff: width of an always-on shared expert; 0 = none.
         check_finite: raise :class:`NonFiniteRoutingError` (naming the layer) on NaN/inf router scores or
-            weights, and a ValueError on expert ids out of range. ``None``
-            (default) checks where it is free, on CPU; on a GPU the check reads a value back to the host and
-            stalls the stream every layer, so it is off there unless set to ``True`` (a debug switch). Skipped
-            while ``torch.compile`` traces, where it would split the graph.
+            weights, and a ValueError on expert ids out of range. ``None`` (default) checks at once where it is
+            free, on CPU; on a GPU a check at once reads a value back to the host and stalls the stream every
+            layer, so there the result stays on the device as a flag and is read once per optimizer step by
+            :func:`raise_deferred_checks` (``MoELanguageModel`` calls it; the error names the layer and the step).
+            ``True``: check at once everywhere (a debug switch that pays the sync); ``False``: never. Skipped while
+            ``torch.compile`` traces, where it would split the graph.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(d_model, d_ff, num_experts, activation, backend)
         self.shared_expert = DenseFFN(d_model, shared_d_ff, activation) if shared_d_ff > 0 else None
         self.check_finite = check_finite
+        self.deferred_checks = DeferredChecks()  # GPU flags of check_finite=None, read at the optimizer step
         self.name = "MoELayer"  # set to the module path by models, so errors say which layer failed
         self.routing: Routing | None = None
         self.aux_losses: dict[str, Tensor] = {}
@@ -147,10 +150,19 @@ class MoELayer(nn.Module):
         if experts_TK.dtype != torch.int64:
             raise TypeError(f"{self.name}: router {router} returned expert ids of dtype {experts_TK.dtype}; "
                             "return int64 ids (e.g. from torch.topk).")
-        if not self._should_check_finite(scores_TE):
+        if torch.compiler.is_compiling() or self.check_finite is False:
             return
         finite = torch.isfinite(scores_TE).all() & torch.isfinite(weights_TK).all()
-        in_range = (experts_TK.min() >= 0) & (experts_TK.max() < E) if experts_TK.numel() else torch.tensor(True)
+        in_range = ((experts_TK.min() >= 0) & (experts_TK.max() < E) if experts_TK.numel()
+                    else experts_TK.new_ones((), dtype=torch.bool))
+        if not self._should_check_finite(scores_TE):
+            # No sync: flags for raise_deferred_checks at the optimizer step (the messages name this layer).
+            self.deferred_checks.add(NonFiniteRoutingError, f"{self.name}: non-finite router scores or weights from "
+                                     f"{router} (NaN/inf in the layer input or router weights); lower the learning "
+                                     "rate, add gradient clipping, or check the data.", ~finite)
+            self.deferred_checks.add(ValueError, f"{self.name}: router {router} returned expert ids outside [0, {E}); "
+                                     f"ids must index this layer's {E} experts.", ~in_range)
+            return
         if bool(finite & in_range):
             return
         if not bool(in_range):
@@ -164,15 +176,37 @@ class MoELayer(nn.Module):
         )
 
     def _should_check_finite(self, scores_TE: Tensor) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        if self.check_finite is None:
-            return scores_TE.device.type == "cpu"
-        return self.check_finite
+        """Whether the routing checks read their result on the host now (else they are deferred or off)."""
+        return check_now(self.check_finite, scores_TE)
 
 
 def moe_layers(module: nn.Module) -> list[MoELayer]:
     return [m for m in module.modules() if isinstance(m, MoELayer)]
+
+
+def raise_deferred_checks(module: nn.Module, step: int | None = None) -> None:
+    """Read every deferred check's flag in ``module`` (each MoE layer's routing checks, the model's token check) with
+    one host sync, clear them, and raise the first failure, naming the layer and ``step``.
+
+    On a GPU the default checks (``check_finite=None``) keep their results on the device instead of stalling the
+    stream in every layer; ``MoELanguageModel`` calls this before each optimizer step, so a bad batch still stops
+    training before it updates the weights. In a plain PyTorch loop, call it once per step before
+    ``optimizer.step()``. On CPU the checks run at once and there is nothing to read.
+    """
+    holders = [m.deferred_checks for m in module.modules() if isinstance(getattr(m, "deferred_checks", None),
+                                                                           DeferredChecks)]
+    pending = [p for h in holders for p in h.pending()]
+    for h in holders:
+        h.clear()
+    if not pending:
+        return
+    device = pending[0][2].device
+    failed = torch.stack([flag.to(device) for *_, flag in pending]).tolist()  # the one sync
+    for (error, message, _), bad in zip(pending, failed):
+        if bad:
+            when = f"global step {step}, " if step is not None else ""
+            raise error(f"{when}{message} (a check deferred to the optimizer step: it covers every batch since the "
+                        "last step; set check_finite=True or check_inputs=True to stop at the batch itself)")
 
 
 def update_router_states(module: nn.Module) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_moe.experts.fused import expert_activation, fused_experts
 from lightning_moe.gating.base import Routing
-from lightning_moe.utils import check_choice, check_positive_int
+from lightning_moe.utils import check_choice, check_positive_int, count_ids, syncs_are_free
 
 Activation = Literal["swiglu", "gelu"]
 Backend = Literal["native", "megablocks"]
@@ -140,7 +140,7 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         if self._megablocks is not None:
             return self._megablocks(x_TD, routing, self.mlp, self.training)
-        if x_TD.device.type == "cpu":
+        if syncs_are_free(x_TD):  # CPU: the fused loop reads per-expert counts on the host, which is free there
             return self._fused_forward(x_TD, routing)
         return self._sorted_forward(x_TD, routing)
 
@@ -177,7 +177,7 @@ class Experts(nn.Module):
         # Stable sort keeps each expert's tokens in token order: the same row order as MegaBlocks, hence the
         # same floating-point summation order inside each expert GEMM.
         order_N = torch.argsort(flat_N, stable=True)
-        counts_E = torch.bincount(flat_N, minlength=num_experts)
+        counts_E = count_ids(flat_N, num_experts)  # no host sync (bincount reads the max back on CUDA)
         return x_TD[order_N // K].to(_compute_dtype(x_TD)), order_N, counts_E
 
     def _combine(self, y_ND: Tensor, order_N: Tensor, routing: Routing) -> Tensor:

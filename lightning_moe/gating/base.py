@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.utils import count_ids
+
 
 @dataclass
 class Routing:
@@ -44,8 +46,13 @@ class Routing:
         return experts_N if self.mask_TK is None else experts_N[self.mask_TK.reshape(-1)]
 
     def expert_counts(self, num_experts: int) -> Tensor:
-        """Assignments per expert ``counts_E`` (int64): each real (token, slot) pair counts once."""
-        return torch.bincount(self.assigned_N(), minlength=num_experts)
+        """Assignments per expert ``counts_E`` (int64): each real (token, slot) pair counts once. No host sync:
+        padding slots go to an extra bin that is dropped (a boolean-mask selection would cost a ``nonzero``)."""
+        experts_N = self.experts_TK.reshape(-1)
+        if self.mask_TK is None:
+            return count_ids(experts_N, num_experts)
+        padded_N = experts_N.masked_fill(~self.mask_TK.reshape(-1), num_experts)
+        return count_ids(padded_N, num_experts + 1)[:num_experts]
 
 
 class Router(nn.Module):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_moe.gating.base import Routing, check_unit_interval
 from lightning_moe.gating.softmax_topk import SoftmaxTopK
 from lightning_moe.gating.temporal import capped_integrate, leaky_integrate
-from lightning_moe.utils import check_choice, check_non_negative, check_positive, check_positive_int
+from lightning_moe.utils import check_choice, check_non_negative, check_positive, check_positive_int, count_ids
 
 MemoryForm = Literal["leaky", "ema", "capped_logit"]
 PrecisionForm = Literal["scale", "log_shift"]
@@ -350,5 +350,5 @@ class TransitionRouter(SoftmaxTopK):
 def label_frequency_error(targets_B: Tensor, num_experts: int) -> Tensor:
     """``err_E``: the share of the batch whose target expert is not ``i`` (the toy ablation's "prediction error",
     spec §1.2). It depends only on the labels, so Pi converges to a constant per-expert temperature."""
-    counts_E = torch.bincount(targets_B.reshape(-1), minlength=num_experts).float()
+    counts_E = count_ids(targets_B, num_experts).float()
     return 1.0 - counts_E / targets_B.numel()

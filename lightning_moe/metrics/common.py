@@ -4,7 +4,12 @@ Legend: N items (tokens or (token, slot) pairs), R row ids (labels, offsets), C 
 
 Items to skip (a negative row id, or outside ``keep``) are sent to one extra bin that is then dropped, rather
 than selected with a boolean mask: boolean indexing costs a ``nonzero`` and a gather (and a device sync on GPU)
-on every update, which dominated the monitors' per-step cost.
+on every update, which dominated the monitors' per-step cost. Counts use :func:`lightning_moe.utils.count_ids`
+(``bincount`` reads the largest id back to the host on CUDA).
+
+Id range checks (:func:`check_ids`) read the largest id on the host, which is free on CPU only: on a GPU they are
+skipped, and the counting helpers send out-of-range ids to the dropped bin instead (a monitor steps aside; it
+does not stall the host's training for its own checks, nor trip a device-side assert).
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_moe.utils import count_ids, syncs_are_free
+
 
 def check_ids(field: str, ids: Tensor, bound: int, fix: str) -> None:
-    """Raise if any id is >= ``bound``, naming the field, the value and the fix."""
-    if ids.numel() and int(ids.max()) >= bound:
-        raise ValueError(f"{field} {int(ids.max())} is out of range for {bound} classes; {fix}.")
+    """Raise if any id is >= ``bound``, naming the field, the value and the fix; on CPU only (see above)."""
+    if ids.numel() and syncs_are_free(ids):
+        top = int(ids.max())
+        if top >= bound:
+            raise ValueError(f"{field} {top} is out of range for {bound} classes; {fix}.")
 
 
 def _skipped_N(rows_N: Tensor, keep_N: Tensor | None) -> Tensor:
@@ -29,8 +38,11 @@ def pair_counts_RC(
     """How often each (row, col) pair occurs, float64 ``[R, C]``; negative rows and items outside ``keep_N``
     are skipped. ``rows_N``, ``cols_N`` and ``keep_N`` have the same shape (any)."""
     extra = num_rows * num_cols
-    flat_N = (rows_N * num_cols + cols_N).masked_fill(_skipped_N(rows_N, keep_N), extra)
-    return torch.bincount(flat_N.reshape(-1), minlength=extra + 1)[:-1].view(num_rows, num_cols).double()
+    skipped_N = _skipped_N(rows_N, keep_N)
+    if not syncs_are_free(rows_N):  # unchecked ids (see check_ids): out of range goes to the dropped bin
+        skipped_N = skipped_N | (rows_N >= num_rows) | (cols_N < 0) | (cols_N >= num_cols)
+    flat_N = (rows_N * num_cols + cols_N).masked_fill(skipped_N, extra)
+    return count_ids(flat_N, extra + 1)[:-1].view(num_rows, num_cols).double()
 
 
 def row_sums_RE(rows_N: Tensor, values_NE: Tensor, num_rows: int) -> Tensor:
@@ -38,5 +50,6 @@ def row_sums_RE(rows_N: Tensor, values_NE: Tensor, num_rows: int) -> Tensor:
     rows_N = rows_N.reshape(-1)
     values_NE = values_NE.reshape(rows_N.numel(), -1)
     sums = values_NE.new_zeros(num_rows + 1, values_NE.shape[1])
-    sums.index_add_(0, rows_N.masked_fill(rows_N < 0, num_rows), values_NE)
+    skipped_N = rows_N < 0 if syncs_are_free(rows_N) else (rows_N < 0) | (rows_N >= num_rows)
+    sums.index_add_(0, rows_N.masked_fill(skipped_N, num_rows), values_NE)
     return sums[:-1].double()

@@ -12,24 +12,32 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_moe.metrics.common import check_ids
+from lightning_moe.utils import count_ids, syncs_are_free
 
 
-def load_stats(counts_E: Tensor) -> dict[str, Tensor]:
+def load_stats(counts_E: Tensor, check_empty: bool = True) -> dict[str, Tensor]:
     """Imbalance statistics of per-expert assignment counts.
 
     * ``cv``: population std / mean of the loads (0 = perfect balance).
     * ``max_over_mean`` = max / mean load; ``maxvio`` = max / mean - 1 (Wang et al. 2024, mean = K*T/E).
     * ``entropy``: H(load shares) / log E in [0, 1] (1 when E = 1).
     * ``dead_experts``: experts with no assignment.
+
+    ``check_empty``: raise when nothing was counted (statistics would be NaN). The test reads a value on the host,
+    a stream stall on a GPU: pass False where the counts cannot be empty (a training batch's routing).
     """
     loads = counts_E.double()
     E = loads.numel()
     mean = loads.mean()
-    if mean <= 0:
+    if check_empty and mean <= 0:
         raise ValueError("no routed tokens were counted; update the metric with at least one routing decision.")
     shares = loads / loads.sum()
-    nz = shares[shares > 0]
-    entropy = -(nz * nz.log()).sum() / math.log(E) if E > 1 else torch.ones((), dtype=torch.float64)
+    if syncs_are_free(shares):
+        nz = shares[shares > 0]
+        plogp = (nz * nz.log()).sum()
+    else:  # xlogy: 0 log 0 = 0 without selecting the non-zero shares (a boolean mask is a host sync on a GPU)
+        plogp = torch.special.xlogy(shares, shares).sum()  # same value; the last bit can differ (summation order)
+    entropy = -plogp / math.log(E) if E > 1 else torch.ones((), dtype=torch.float64)
     return {
         "cv": loads.std(correction=0) / mean,
         "max_over_mean": loads.max() / mean,
@@ -75,7 +83,10 @@ class ExpertLoad(Metric):
         if experts_TK.numel() == 0:
             return  # no assignment, no batch MaxVio to average in
         check_ids("expert id", experts_TK, self.num_experts, f"num_experts={self.num_experts} must match the layer")
-        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).to(self.counts_E)
+        experts_N, E = experts_TK.reshape(-1), self.num_experts
+        if not syncs_are_free(experts_N):  # ids unchecked on a GPU (check_ids): out of range is not counted
+            experts_N = experts_N.masked_fill((experts_N < 0) | (experts_N >= E), E)
+        counts_E = count_ids(experts_N, E + 1)[:E].to(self.counts_E)
         self.counts_E += counts_E
         # max / mean - 1 with mean = sum / E, the same MaxVio as load_stats without its other statistics.
         self.maxvio_batch_sum += counts_E.max() * self.num_experts / counts_E.sum() - 1

@@ -26,7 +26,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_moe.metrics.common import check_ids, row_sums_RE
-from lightning_moe.utils import check_non_negative, check_positive_int
+from lightning_moe.utils import check_non_negative, check_positive_int, count_ids
 
 COVERAGE = 0.99
 
@@ -124,7 +124,7 @@ class TransitionRouting(Metric):
         mass_TE = mass_TE.detach().float()
         labels_T = labels_BS.reshape(-1)
         self.label_CX[:, :E] += row_sums_RE(labels_T, mass_TE, C)
-        self.label_CX[:, E] += torch.bincount(labels_T.masked_fill(labels_T < 0, C), minlength=C + 1)[:C]
+        self.label_CX[:, E] += count_ids(labels_T.masked_fill((labels_T < 0) | (labels_T >= C), C), C + 1)[:C]
 
         prev_BS1, next_BS1 = labels_BS[:, :-1], labels_BS[:, 1:]
         b_N, s_N = ((next_BS1 != prev_BS1) & (next_BS1 >= 0) & (prev_BS1 >= 0)).nonzero(as_tuple=True)

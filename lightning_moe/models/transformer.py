@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
 from lightning_moe.layers import DenseFFN, MoELayer
-from lightning_moe.utils import check_positive_int
+from lightning_moe.utils import DeferredChecks, check_now, check_positive_int
 
 
 class CausalSelfAttention(nn.Module):
@@ -74,6 +74,11 @@ class MoETransformer(nn.Module):
         shared_d_ff: width of an always-on shared expert per MoE layer; 0 = none.
         max_seq_len: longest sequence the rotary tables cover.
         tie_embeddings: share the input embedding with the output head.
+        check_inputs: check that token ids lie in ``[0, vocab_size)``. ``None`` (default): at once on CPU, where it
+            is free; on a GPU the result stays on the device (ids are clamped for the embedding lookup, so a bad id
+            cannot trip a device-side assert first) and is read once per optimizer step by
+            :func:`lightning_moe.layers.raise_deferred_checks`. ``True``: at once everywhere (a host sync per
+            batch); ``False``: never. ``MoELanguageModel`` applies the same rule to the labels.
     """
 
     def __init__(
@@ -92,8 +97,13 @@ class MoETransformer(nn.Module):
         shared_d_ff: int = 0,
         max_seq_len: int = 512,
         tie_embeddings: bool = True,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
+        if check_inputs is not None and not isinstance(check_inputs, bool):
+            raise TypeError(f"check_inputs must be True, False or None, got {check_inputs!r}.")
+        self.check_inputs = check_inputs
+        self.deferred_checks = DeferredChecks()  # GPU flags of check_inputs=None, read at the optimizer step
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
                             ("n_heads", n_heads), ("moe_every", moe_every), ("max_seq_len", max_seq_len)):
             check_positive_int(name, value)
@@ -140,11 +150,20 @@ class MoETransformer(nn.Module):
         S = tokens_BS.shape[1]
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.max_seq_len}; raise max_seq_len.")
-        if tokens_BS.numel() and (tokens_BS.min() < 0 or tokens_BS.max() >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, vocab_size={self.vocab_size}), got [{int(tokens_BS.min())}, "
-                f"{int(tokens_BS.max())}]; set vocab_size to the tokenizer's vocabulary size."
-            )
+        if tokens_BS.numel() and self.check_inputs is not False and not torch.compiler.is_compiling():
+            if check_now(self.check_inputs, tokens_BS):
+                lo, hi = torch.stack([tokens_BS.min(), tokens_BS.max()]).tolist()  # one sync (free on CPU)
+                if lo < 0 or hi >= self.vocab_size:
+                    raise ValueError(
+                        f"token ids must lie in [0, vocab_size={self.vocab_size}), got [{lo}, {hi}]; set vocab_size "
+                        "to the tokenizer's vocabulary size."
+                    )
+            else:
+                bad = (tokens_BS.min() < 0) | (tokens_BS.max() >= self.vocab_size)
+                self.deferred_checks.add(ValueError, f"token ids must lie in [0, vocab_size={self.vocab_size}) and a "
+                                         "batch had one outside; set vocab_size to the tokenizer's vocabulary size.", bad)
+                # Same lookup for every valid id; a bad one reads a valid row until the check raises.
+                tokens_BS = tokens_BS.clamp(0, self.vocab_size - 1)
         x = self.embed(tokens_BS)
         rope = rope_tables(S, self.head_dim, x.device, x.dtype)
         for block in self.blocks:

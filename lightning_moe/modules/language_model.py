@@ -12,18 +12,28 @@ from torch import Tensor, nn
 from lightning_moe.data.batch import IGNORE_INDEX
 from lightning_moe.experts.native import Activation, Backend
 from lightning_moe.gating.base import Router
-from lightning_moe.layers import NonFiniteRoutingError, feed_back_errors, moe_layers, update_router_states
+from lightning_moe.layers import (
+    NonFiniteRoutingError, feed_back_errors, moe_layers, raise_deferred_checks, update_router_states,
+)
 from lightning_moe.metrics.load import ExpertLoad, load_stats
 from lightning_moe.models.transformer import MoETransformer
 from lightning_moe.parallel import check_expert_parallel, clip_grad_norm_, expert_parallel_mesh, shard_experts
-from lightning_moe.utils import check_checkpoint_file, check_non_negative, check_positive
+from lightning_moe.utils import DeferredChecks, check_checkpoint_file, check_non_negative, check_now, check_positive
 
 LN2 = math.log(2)
 
 
-def check_labels(labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int) -> None:
+def check_labels(
+    labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int, deferred: DeferredChecks | None = None
+) -> Tensor:
     """Labels must be integer ids shaped like the tokens, in ``[0, vocab_size)`` or ``-100`` (ignored), with at
-    least one scored; otherwise cross-entropy fails with an opaque torch error or returns NaN (0 / 0)."""
+    least one scored; otherwise cross-entropy fails with an opaque torch error or returns NaN (0 / 0).
+
+    Type and shape are checked at once (free). The values are too, with one host sync, unless ``deferred`` is given
+    (on a GPU, where that sync would stall the stream): then they become flags read at the optimizer step
+    (:func:`lightning_moe.layers.raise_deferred_checks`) and out-of-range ids are replaced by -100, so that
+    cross-entropy cannot trip a device-side assert before the check raises. Returns the labels to train on.
+    """
     if not isinstance(labels_BS, Tensor) or labels_BS.is_floating_point() or labels_BS.is_complex():
         kind = labels_BS.dtype if isinstance(labels_BS, Tensor) else type(labels_BS).__name__
         raise TypeError(f"batch['labels'] must be an integer tensor of token ids, got {kind}.")
@@ -33,6 +43,13 @@ def check_labels(labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int) -> None:
             "give one next-token label per token (-100 where a token is not scored)."
         )
     scored = labels_BS != IGNORE_INDEX
+    if deferred is not None:
+        out_BS = scored & ((labels_BS < 0) | (labels_BS >= vocab_size))
+        deferred.add(ValueError, f"batch['labels'] has no scored label (all are -100), so the loss is NaN; drop such "
+                     "batches or keep at least one label per batch.", ~scored.any())
+        deferred.add(ValueError, f"label ids must lie in [0, vocab_size={vocab_size}) or be -100 (ignored) and a batch "
+                     "had one outside; set vocab_size to the tokenizer's vocabulary size.", out_BS.any())
+        return labels_BS.masked_fill(out_BS, IGNORE_INDEX)
     # One host sync for all three checks.
     n, lo, hi = torch.stack([
         scored.sum(), labels_BS.masked_fill(~scored, 0).min(), labels_BS.masked_fill(~scored, 0).max()
@@ -47,6 +64,7 @@ def check_labels(labels_BS: Tensor, tokens_BS: Tensor, vocab_size: int) -> None:
             f"label ids must lie in [0, vocab_size={vocab_size}) or be -100 (ignored), got [{lo}, {hi}]; set "
             "vocab_size to the tokenizer's vocabulary size."
         )
+    return labels_BS
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -113,6 +131,8 @@ class MoELanguageModel(pl.LightningModule):
             activation, backend, shared_d_ff, max_seq_len,
         )
         self.val_load = nn.ModuleList(ExpertLoad(num_experts) for _ in moe_layers(self.model))
+        # Label checks on a GPU (model.check_inputs=None), read with the layers' at the optimizer step.
+        self.deferred_checks = DeferredChecks()
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -192,21 +212,27 @@ class MoELanguageModel(pl.LightningModule):
         for key in ("tokens", "labels"):
             if key not in batch:
                 raise ValueError(f"batch is missing {key!r}; a language-model batch needs 'tokens' and 'labels'.")
-        check_labels(batch["labels"], batch["tokens"], self.hparams.vocab_size)
+        labels_BS = batch["labels"]
+        # The model's check_inputs rule: values checked at once where free (CPU), else deferred to the step.
+        now = not isinstance(labels_BS, Tensor) or check_now(self.model.check_inputs, labels_BS)
+        if self.model.check_inputs is not False:
+            labels_BS = check_labels(labels_BS, batch["tokens"], self.hparams.vocab_size,
+                                     None if now else self.deferred_checks)
         try:
             logits = self.model(batch["tokens"])
         except NonFiniteRoutingError as e:
             # Stop with where and when it happened, not a later opaque error from NaN weights.
             raise NonFiniteRoutingError(f"global step {self.global_step}, {e}") from e
         # fp32 cross-entropy: a bf16 log-softmax over the vocabulary is off by ~1e-2 nats.
-        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction=reduction)
-        return ce.view(batch["labels"].shape) if reduction == "none" else ce
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels_BS.flatten(), reduction=reduction)
+        return ce.view(labels_BS.shape) if reduction == "none" else ce
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         ce_BS = self._ce(batch, reduction="none")
         # Routers that learn from prediction error (precision gating) read each token's loss.
         feed_back_errors(self.model, ce_BS)
-        # The mean over non-ignored labels, as reduction="mean" (check_labels made sure there is at least one).
+        # The mean over non-ignored labels, as reduction="mean" (check_labels made sure there is at least one, at
+        # once, or at the optimizer step before this batch's update is applied).
         ce = ce_BS.sum() / (batch["labels"] != IGNORE_INDEX).sum()
         layers = moe_layers(self.model)
         aux: dict[str, Tensor] = {}
@@ -218,7 +244,9 @@ class MoELanguageModel(pl.LightningModule):
         logs.update({f"train/aux/{k}": v for k, v in aux.items()})
         if layers:
             # expert_counts honours expert choice's padding slots, which are not assignments.
-            maxvio = [load_stats(layer.routing.expert_counts(layer.experts.num_experts))["maxvio"] for layer in layers]
+            # check_empty=False: a layer always routes its tokens, and the emptiness test would be a host sync.
+            maxvio = [load_stats(layer.routing.expert_counts(layer.experts.num_experts), check_empty=False)["maxvio"]
+                      for layer in layers]
             logs["train/maxvio_batch"] = torch.stack(maxvio).mean().float()
         self.log_dict(logs, prog_bar=False, batch_size=batch["tokens"].shape[0])
         self.log("loss", ce, prog_bar=True, logger=False, batch_size=batch["tokens"].shape[0])
@@ -235,6 +263,9 @@ class MoELanguageModel(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # On a GPU the input and routing checks of every micro-batch since the last step are read here, with one
+        # host sync, before the step can apply a bad batch's update (on CPU they already ran, at once).
+        raise_deferred_checks(self, self.global_step)
         # Stateful routers (bias balancing, centroids, precision) update exactly once per optimizer step,
         # after all gradient-accumulation micro-batches have been observed.
         update_router_states(self.model)
@@ -247,6 +278,8 @@ class MoELanguageModel(pl.LightningModule):
             metric.update(layer.routing.assigned_N())
 
     def on_validation_epoch_end(self) -> None:
+        # Validation has no optimizer step: its deferred checks (GPU) are read once per epoch, here.
+        raise_deferred_checks(self, self.global_step)
         if not len(self.val_load):
             return
         stats = [m.compute() for m in self.val_load]
