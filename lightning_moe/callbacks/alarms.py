@@ -119,7 +119,9 @@ class RoutingAlarms(RoutingMonitor):
             if layer not in self._balance:
                 balanced = any(k not in NOT_BALANCING for k in routing.aux_losses)
                 self._balance[layer] = balanced or bool(router._pending) or routing.mask_TK is not None
-            if routing.logits_TE is not None:
+            if routing.logits_TE is not None and logging_now:
+                # A structural property of the router, so one batch per window tells: the [T, E] check runs at
+                # logging steps only.
                 self._count_softmaxed(layer, is_distribution(routing.logits_TE))
 
     def _count_softmaxed(self, key: str, flag: Tensor) -> None:
