@@ -125,7 +125,7 @@ def test_batch_masks_mark_the_answer_after_the_prefix_before_the_object():
 
 
 def test_datamodule_serves_test_and_train_for_validation():
-    dm = TaskRoutingDataModule(**SMALL, batch_size=8, eval_batch_size=64)
+    dm = TaskRoutingDataModule(TemplateKVTasks(**SMALL), batch_size=8, eval_batch_size=64)
     dm.setup()
     test, train = dm.val_dataloader()
     assert len(test.dataset) == 30 and len(train.dataset) == 120
@@ -212,7 +212,7 @@ def test_oracle_needs_top_1():
 
 
 def test_module_with_an_oracle_sends_every_task_position_to_its_expert():
-    dm = TaskRoutingDataModule(**SMALL, batch_size=8)
+    dm = TaskRoutingDataModule(TemplateKVTasks(**SMALL), batch_size=8)
     dm.setup()
     lm = tiny_lm(router=OracleRouter())
     batch = next(iter(dm.train_dataloader()))
@@ -235,7 +235,7 @@ def test_module_needs_exactly_one_moe_layer():
 def test_the_task_routing_loss_teaches_the_router_the_task_map():
     # 40 steps of CE + 1.0 x L_router on 3 tasks, 3 experts: the router's top-1 follows e(k) = k on nearly every
     # task position of held-out sentences (measured 0.98); with CE alone it does not (measured 0.56).
-    dm = TaskRoutingDataModule(**SMALL, batch_size=16)
+    dm = TaskRoutingDataModule(TemplateKVTasks(**SMALL), batch_size=16)
     dm.setup()
     test = next(iter(dm.val_dataloader()[0]))
 
@@ -258,3 +258,11 @@ def test_the_task_routing_loss_teaches_the_router_the_task_map():
 
     assert agreement(1.0) > 0.9
     assert agreement(0.0) < 0.7
+
+
+def test_the_data_module_takes_the_generator_and_saves_it_as_plain_data():
+    dm = TaskRoutingDataModule(TemplateKVTasks(**SMALL), batch_size=8)
+    assert dm.hparams["tasks"] == {"class_path": "lightning_moe.studies.task_routing.data.TemplateKVTasks",
+                                   "init_args": {**TemplateKVTasks(**SMALL).init_args}}
+    rebuilt = TaskRoutingDataModule(**dm.hparams)  # what a checkpoint's datamodule hyper-parameters rebuild
+    assert rebuilt.vocab_size == dm.vocab_size and rebuilt.tasks.train == dm.tasks.train

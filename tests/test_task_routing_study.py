@@ -28,10 +28,10 @@ def test_every_condition_gives_the_model_the_data_vocabulary(name):
     study = load_study(folder)
     base = yaml.safe_load(study.base[0].read_text())
     for plan in plan_runs(study):
-        model, data = ({k.rsplit(".", 1)[-1]: v for k, v in plan.overrides.items() if k.startswith(f"{part}.")}
-                       for part in ("model", "data"))
+        model, data = ({k.rsplit(".", 1)[-1]: v for k, v in plan.overrides.items() if k.startswith(prefix)}
+                       for prefix in ("model.", "data.init_args.tasks."))
         model = {**base["model"]["init_args"], **model}
-        data = {**base["data"]["init_args"], **data}
+        data = {**base["data"]["init_args"]["tasks"]["init_args"], **data}
         tasks = TemplateKVTasks(num_tasks=data["num_tasks"], pairs_per_task=1,
                                 num_subjects=data.get("num_subjects", 2000))
         assert model["vocab_size"] == tasks.vocab_size, plan.run_id

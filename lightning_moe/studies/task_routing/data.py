@@ -101,6 +101,8 @@ class TemplateKVTasks:
         test_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
+        # Kept as given, so a DataModule holding this generator saves it as plain data (config()).
+        self.init_args = {k: v for k, v in locals().items() if k != "self"}
         for name, value in (("num_tasks", num_tasks), ("templates_per_task", templates_per_task),
                             ("pairs_per_task", pairs_per_task), ("num_subjects", num_subjects),
                             ("min_objects", min_objects), ("function_words", function_words),
@@ -189,6 +191,10 @@ class TemplateKVTasks:
         return Sentence(k, i, subject, obj, tokens, template.index(SUBJECT), template.index(OBJECT))
 
 
+    def config(self) -> dict:
+        """``{"class_path", "init_args"}`` of this generator, the YAML form (plain data for checkpoints)."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(self.init_args)}
+
 class SentenceDataset(Dataset):
     """Padded sentences as next-token examples with the per-token task labels and evaluation masks."""
 
@@ -228,20 +234,9 @@ class TaskRoutingDataModule(pl.LightningDataModule):
     split in a fixed order (for train exact match).
 
     Args:
-        num_tasks: K.
-        templates_per_task: |T(k)|.
-        pairs_per_task: |Δ_k|.
-        min_template_len: shortest template, slots included.
-        max_template_len: longest template, slots included.
-        num_subjects: shared subject pool.
-        min_objects: smallest per-task object pool.
-        max_objects: largest per-task object pool.
-        function_words: shared function words.
-        relation_words: task-unique relation words per task.
-        overlap: probability that a relation word is replaced by a function word (0 = every template carries
-            task-unique words).
-        test_fraction: held-out share of sentences.
-        seed: seed of the generator (keep it fixed across training seeds: one data set, as in the paper).
+        tasks: the generator (its arguments are the data set: tasks, templates, pairs, overlap, split, seed; keep
+            its seed fixed across training seeds: one data set, as in the paper); default ``TemplateKVTasks()``.
+            In YAML: ``tasks: {class_path: lightning_moe.studies.task_routing.TemplateKVTasks, init_args: {...}}``.
         batch_size: sentences per batch.
         eval_batch_size: sentences per validation batch.
         eval_train: also evaluate the training split (validation loader 1).
@@ -250,19 +245,7 @@ class TaskRoutingDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        num_tasks: int = 20,
-        templates_per_task: int = 5,
-        pairs_per_task: int = 200,
-        min_template_len: int = 4,
-        max_template_len: int = 8,
-        num_subjects: int = 2000,
-        min_objects: int = 20,
-        max_objects: int = 100,
-        function_words: int = 40,
-        relation_words: int = 2,
-        overlap: float = 0.0,
-        test_fraction: float = 0.2,
-        seed: int = 0,
+        tasks: TemplateKVTasks | None = None,
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         eval_train: bool = True,
@@ -272,11 +255,14 @@ class TaskRoutingDataModule(pl.LightningDataModule):
         check_positive_int("batch_size", batch_size)
         check_positive_int("eval_batch_size", eval_batch_size)
         check_non_negative("num_workers", num_workers)
-        self.tasks = TemplateKVTasks(
-            num_tasks, templates_per_task, pairs_per_task, min_template_len, max_template_len, num_subjects,
-            min_objects, max_objects, function_words, relation_words, overlap, test_fraction, seed,
-        )
-        self.num_tasks, self.vocab_size = num_tasks, self.tasks.vocab_size
+        if isinstance(tasks, dict):  # from a checkpoint's hyper-parameters
+            tasks = TemplateKVTasks(**tasks.get("init_args", {}))
+        if tasks is not None and not isinstance(tasks, TemplateKVTasks):
+            raise TypeError(f"tasks must be a TemplateKVTasks, got {type(tasks).__name__}.")
+        self.tasks = tasks if tasks is not None else TemplateKVTasks()
+        self.save_hyperparameters(ignore=["tasks"])
+        self.hparams["tasks"] = self.tasks.config()
+        self.num_tasks, self.vocab_size = self.tasks.num_tasks, self.tasks.vocab_size
         self.batch_size, self.eval_batch_size, self.eval_train = batch_size, eval_batch_size, eval_train
         self.num_workers = num_workers
         self.splits: dict[str, SentenceDataset] = {}

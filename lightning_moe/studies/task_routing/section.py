@@ -85,7 +85,7 @@ def _capacity_rows(ctx: ReportContext) -> list[dict[str, Any]]:
     rows = []
     for condition in ctx.results.conditions():
         config = yaml.safe_load(ctx.paths.config(condition).read_text())
-        n_pairs = config["data"]["init_args"]["pairs_per_task"]
+        n_pairs = config["data"]["init_args"]["tasks"]["init_args"]["pairs_per_task"]
         for run in ctx.runs(condition):
             art = ctx.artifact(run["run_id"], ROUTING_FILE)
             if art is None or art.get("train_exact_match_per_task") is None:
