@@ -49,3 +49,44 @@ class TinyLMData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.items[: 2 * self.batch_size], self.batch_size)
+
+
+def fit_two_layer_lm(root, callback: pl.Callback, max_steps: int, ckpt_path=None, save_at: int | None = None):
+    """A seeded 2-layer byte LM fitted with ``callback`` (and a checkpoint every ``save_at`` steps); returns the
+    module. The shared run of the monitors' resume tests."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_moe.data.byte_corpus import ByteCorpusDataModule
+    from lightning_moe.modules import MoELanguageModel
+
+    pl.seed_everything(0, workers=True)
+    module = MoELanguageModel(**{**TINY, "vocab_size": 256, "n_layers": 2}, warmup_steps=2)
+    callbacks = [callback]
+    if save_at is not None:
+        callbacks.append(ModelCheckpoint(root / "ckpt", "{step}", every_n_train_steps=save_at, save_top_k=-1))
+    pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=save_at is not None, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+               callbacks=callbacks, default_root_dir=root, accelerator="cpu").fit(
+        module, datamodule=ByteCorpusDataModule(seq_len=16, batch_size=2, bytes_per_domain=3000), ckpt_path=ckpt_path)
+    return module
+
+
+class PoisonAtStep2(pl.Callback):
+    """Fills the second MoE layer's router weights with NaN at the start of optimizer step 2."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            from lightning_moe import moe_layers
+
+            with torch.no_grad():
+                moe_layers(pl_module.model)[1].router.layer.weight.fill_(float("nan"))
+
+
+def fit_poisoned_at_step_2(tmp_path) -> pl.Trainer:
+    """Fit a 2-layer tiny LM for 5 steps with :class:`PoisonAtStep2`; the caller expects it to raise."""
+    from lightning_moe.modules import MoELanguageModel
+
+    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, callbacks=[PoisonAtStep2()])
+    trainer.fit(MoELanguageModel(**{**TINY, "n_layers": 2}), datamodule=TinyLMData())
+    return trainer

@@ -6,14 +6,13 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.callbacks import RoutingConsistencyMonitor
 from lightning_moe.data import ByteCorpusDataModule
 from lightning_moe.gating import ExpertChoice
 from lightning_moe.metrics import RoutingOverlap, order_by_weight, router_saturation, routing_fluctuation
 from lightning_moe.modules import MoELanguageModel
-from tests.helpers import TINY, TinyLMData
+from tests.helpers import TINY, TinyLMData, fit_two_layer_lm
 
 A_TK = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
 
@@ -74,17 +73,8 @@ LAYERS = ["model.blocks.0.ffn", "model.blocks.1.ffn"]
 
 
 def _fit(root, max_steps, ckpt_path=None, save_at=None, probe_batches=2):
-    pl.seed_everything(0, workers=True)
-    module = MoELanguageModel(**{**TINY, "vocab_size": 256, "n_layers": 2}, warmup_steps=2)
     monitor = RoutingConsistencyMonitor(every_n_steps=2, probe_batches=probe_batches)
-    callbacks = [monitor]
-    if save_at is not None:
-        callbacks.append(ModelCheckpoint(root / "ckpt", "{step}", every_n_train_steps=save_at, save_top_k=-1))
-    pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=save_at is not None, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
-               callbacks=callbacks, default_root_dir=root, accelerator="cpu").fit(
-        module, datamodule=ByteCorpusDataModule(seq_len=16, batch_size=2, bytes_per_domain=3000), ckpt_path=ckpt_path)
-    return monitor, module
+    return monitor, fit_two_layer_lm(root, monitor, max_steps, ckpt_path, save_at)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from lightning_moe.layers import MoELayer, NonFiniteRoutingError, moe_layers, ra
 from lightning_moe.metrics import ExpertLoad, LabelSpecialization, TokenSpecialization
 from lightning_moe.modules import MoELanguageModel
 from lightning_moe.utils import DeferredChecks, check_now, count_ids
-from tests.helpers import TinyLMData
+from tests.helpers import PoisonAtStep2, TinyLMData
 
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4, top_k=2, max_seq_len=32)
 
@@ -158,16 +158,8 @@ def test_flags_of_many_batches_stay_one_tensor_each(gpu_like):
 
 
 def test_fit_stops_before_the_bad_batch_is_applied(gpu_like, tmp_path):
-    module = MoELanguageModel(**TINY)
-
-    class PoisonAtStep2(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
-                with torch.no_grad():
-                    moe_layers(pl_module.model)[1].router.layer.weight.fill_(float("nan"))
-
     trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          default_root_dir=tmp_path, callbacks=[PoisonAtStep2()])
     with pytest.raises(NonFiniteRoutingError, match=r"global step 2, blocks.1.ffn: non-finite router scores"):
-        trainer.fit(module, datamodule=TinyLMData())
+        trainer.fit(MoELanguageModel(**TINY), datamodule=TinyLMData())
     assert trainer.global_step == 2  # the optimizer step of the poisoned batch did not run

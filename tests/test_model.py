@@ -7,7 +7,7 @@ import torch
 from lightning_moe.layers import DenseFFN, MoELayer, moe_layers
 from lightning_moe.models import MoETransformer
 from lightning_moe.modules import MoELanguageModel
-from tests.helpers import TinyLMData
+from tests.helpers import TinyLMData, fit_poisoned_at_step_2
 
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4, top_k=2, max_seq_len=32)
 
@@ -95,18 +95,8 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_router(tmp_path):
 
 
 def test_nan_in_routing_stops_training_with_layer_and_step(tmp_path):
-    module = MoELanguageModel(**TINY)
-
-    class PoisonAtStep2(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
-                with torch.no_grad():
-                    moe_layers(pl_module.model)[1].router.layer.weight.fill_(float("nan"))
-
-    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, callbacks=[PoisonAtStep2()])
     with pytest.raises(ValueError, match=r"global step 2, blocks.1.ffn: non-finite router scores"):
-        trainer.fit(module, datamodule=TinyLMData())
+        fit_poisoned_at_step_2(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["blocks.0.attn.proj.weight", "blocks.0.ffn.shared_expert.w2.weight"])

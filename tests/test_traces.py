@@ -10,13 +10,10 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.callbacks import RoutingTraceWriter, log_figure, read_routing_traces
 from lightning_moe.callbacks.plots import new_figure
-from lightning_moe.data import ByteCorpusDataModule
-from lightning_moe.modules import MoELanguageModel
-from tests.helpers import TINY
+from tests.helpers import fit_two_layer_lm
 
 pytest.importorskip("pyarrow")
 LAYERS = ["model.blocks.0.ffn", "model.blocks.1.ffn"]
@@ -24,18 +21,10 @@ TOKENS, EVERY = 5, 2
 
 
 def _fit(root, max_steps, ckpt_path=None, save_at=None, **writer_kwargs):
-    pl.seed_everything(0, workers=True)
-    module = MoELanguageModel(**{**TINY, "vocab_size": 256, "n_layers": 2}, warmup_steps=2)
     kwargs = {"dirpath": root / "traces", "tokens_per_step": TOKENS, "every_n_steps": EVERY,
               "label_keys": ("tokens", "domain_ids"), **writer_kwargs}
     writer = RoutingTraceWriter(**kwargs)
-    callbacks = [writer]
-    if save_at is not None:
-        callbacks.append(ModelCheckpoint(root / "ckpt", "{step}", every_n_train_steps=save_at, save_top_k=-1))
-    pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=save_at is not None, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
-               callbacks=callbacks, default_root_dir=root, accelerator="cpu").fit(
-        module, datamodule=ByteCorpusDataModule(seq_len=16, batch_size=2, bytes_per_domain=3000), ckpt_path=ckpt_path)
+    fit_two_layer_lm(root, writer, max_steps, ckpt_path, save_at)
     return writer
 
 

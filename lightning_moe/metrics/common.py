@@ -14,7 +14,6 @@ does not stall the host's training for its own checks, nor trip a device-side as
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lightning_moe.utils import count_ids, syncs_are_free

@@ -45,7 +45,7 @@ def check_labels(
     scored = labels_BS != IGNORE_INDEX
     if deferred is not None:
         out_BS = scored & ((labels_BS < 0) | (labels_BS >= vocab_size))
-        deferred.add(ValueError, f"batch['labels'] has no scored label (all are -100), so the loss is NaN; drop such "
+        deferred.add(ValueError, "batch['labels'] has no scored label (all are -100), so the loss is NaN; drop such "
                      "batches or keep at least one label per batch.", ~scored.any())
         deferred.add(ValueError, f"label ids must lie in [0, vocab_size={vocab_size}) or be -100 (ignored) and a batch "
                      "had one outside; set vocab_size to the tokenizer's vocabulary size.", out_BS.any())
