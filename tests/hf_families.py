@@ -1,0 +1,203 @@
+"""Every MoE family of the installed transformers, built tiny from its config, read by our taps and by hand.
+
+Legend: T tokens, K slots, E experts.
+
+Not a test module: ``tests/test_adapters_families.py`` runs ``python tests/hf_families.py FAMILY ...`` in a
+subprocess per group of families (building ~80 model families in one process exhausted memory), and this script
+prints one JSON line per family: our counts per expert and the model's own (the router's returned indices when it
+returns them, otherwise the routing the block passed to its experts), skipped and dropped slots on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+# A config is an MoE config when it defines one of these (source text of configuration_*.py, then the instance).
+EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Tiny sizes, passed to every (sub-)config constructor so its own __post_init__ derives consistent values
+# (layer_types, head_dim); a config ignores keys it does not know or keeps them as inert attributes.
+TINY = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2, moe_k=2,
+    top_k=2, moe_topk=2, n_group=1, topk_group=1, first_k_dense_replace=0, decoder_sparse_step=1,
+    shared_expert_intermediate_size=16, n_shared_experts=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=8, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
+    encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+    decoder_ffn_dim=32, encoder_sparse_step=1, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+    expert_capacity=64, ffn_hidden_size=32, n_positions=64, max_seq_len=64, sliding_window=8,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, mamba_n_heads=4, mamba_d_head=8,
+)
+# What a family needs on top of TINY to build or to route through its MoE path at all (a reason beside each).
+FAMILY_OVERRIDES: dict[str, dict] = {}
+TOKENS_BS = (2, 5)
+
+
+def moe_families() -> list[str]:
+    """transformers.models.<family> folders whose configuration source names an expert count."""
+    import transformers.models
+
+    root = Path(transformers.models.__file__).parent
+    pattern = re.compile(r"\b(" + "|".join(EXPERT_ATTRIBUTES) + r")\b")
+    return sorted(
+        d.name for d in root.iterdir()
+        if d.is_dir() and any(pattern.search(f.read_text()) for f in d.glob("configuration_*.py"))
+    )
+
+
+def _model_types(family: str) -> list[tuple[str, str, str]]:
+    """(model_type, config class name, base model class name) of the family's configs that have a base model."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return [
+        (t, c, MODEL_MAPPING_NAMES[t]) for t, c in CONFIG_MAPPING_NAMES.items()
+        if model_type_to_module_name(t) == family and isinstance(MODEL_MAPPING_NAMES.get(t), str)
+    ]
+
+
+def _is_moe(config) -> bool:
+    return any(isinstance(getattr(config, a, None), int) and getattr(config, a) > 1 for a in EXPERT_ATTRIBUTES)
+
+
+def build(family: str):
+    """The family's smallest model with an MoE path: the text sub-model of a multimodal family."""
+    import importlib
+
+    import transformers
+
+    candidates = _model_types(family)
+    if not candidates:
+        raise LookupError(f"no base model class for any config of transformers.models.{family}")
+    # Prefer a text-only sub-model (fewer parts to shrink), then the family's own type.
+    candidates.sort(key=lambda c: (not c[0].endswith("_text"), c[0] != family))
+    errors, fallback = [], None
+    for model_type, config_name, model_name in candidates:
+        try:
+            config_cls = getattr(transformers, config_name)
+            kwargs = {**TINY, **FAMILY_OVERRIDES.get(family, {})}
+            # Nested configs (text / vision / attention / ffn) are shrunk by handing the parent the same sizes.
+            subs = {s: dict(kwargs) for s in getattr(config_cls, "sub_configs", {}) or {}}
+            config = config_cls(**{**kwargs, **subs})
+            if not _is_moe(config) and not any(_is_moe(getattr(config, s)) for s in config.sub_configs or {}):
+                errors.append(f"{model_type}: config has no experts")
+                continue
+            torch.manual_seed(0)
+            model_cls = getattr(importlib.import_module(f"transformers.models.{family}"), model_name, None) \
+                or getattr(transformers, model_name)
+            model = model_cls(config).eval()
+            from lightning_moe.adapters import find_taps
+
+            if find_taps(model) or model_type == candidates[-1][0]:
+                return model, config
+            errors.append(f"{model_type}: no tap found in {model_name}")
+            fallback = fallback or (model, config)
+        except Exception as err:  # noqa: BLE001 - try the next config of the family, report all
+            errors.append(f"{model_type}: {type(err).__name__}: {str(err)[:300]}")
+    if fallback is not None:  # built, but no tap finds a block: reported as such, not as a build error
+        return fallback
+    raise RuntimeError("; ".join(errors))
+
+
+def _inputs(model, config) -> dict:
+    import inspect
+
+    g = torch.Generator().manual_seed(1)
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 64)
+    ids_BS = torch.randint(3, min(vocab, 64), TOKENS_BS, generator=g)
+    params = inspect.signature(model.forward).parameters
+    inputs = {"input_ids": ids_BS}
+    if "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = ids_BS
+    return inputs
+
+
+def _reference_hooks(model, taps) -> tuple[dict, list]:
+    """The model's own selection per tapped block: router-returned indices, else what the block gives its
+    experts. Recorded with hooks of our own, independent of the taps' reading."""
+    seen: dict[str, list] = {t.name: [] for t in taps}
+    handles = []
+    for tap in taps:
+        router = getattr(tap, "router", None)
+
+        def on_router(m, a, out, name=tap.name):
+            if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
+                seen[name].append(("router", out[2].detach().reshape(-1, out[2].shape[-1]).clone()))
+
+        def on_experts(m, args, kwargs, name=tap.name):
+            values = list(args) + list(kwargs.values())
+            if len(values) >= 3 and not values[1].is_floating_point():
+                seen[name].append(("experts", values[1].detach().reshape(-1, values[1].shape[-1]).clone()))
+
+        if isinstance(router, torch.nn.Module):
+            handles.append(router.register_forward_hook(on_router))
+        experts = getattr(tap, "experts", None)
+        if isinstance(experts, torch.nn.Module):
+            handles.append(experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+    return seen, handles
+
+
+def probe(family: str) -> dict:
+    from lightning_moe.adapters import find_taps, record_routing
+
+    model, config = build(family)
+    with torch.no_grad():  # router weights start at zero in some families: random rows avoid tied top-k
+        for tap in find_taps(model):
+            w_ED = tap.router_weight_ED()
+            if w_ED is not None:
+                w_ED.normal_()
+    taps = find_taps(model)
+    result = {"family": family, "model": type(model).__name__, "taps": [t.name for t in taps],
+              "adapters": sorted({type(t).__name__ for t in taps})}
+    if not taps:
+        return result
+    seen, handles = _reference_hooks(model, taps)
+    inputs = _inputs(model, config)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, record_routing(model) as events, torch.no_grad():
+        warnings.simplefilter("always")
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    result["warnings"] = [str(w.message)[:300] for w in caught if "cannot read" in str(w.message)]
+    num_experts = {t.name: t.num_experts for t in taps}
+    ours: dict[str, list] = {}
+    for e in events:
+        keep_TK = e.mask_TK if e.mask_TK is not None else torch.ones_like(e.experts_TK, dtype=torch.bool)
+        E = num_experts[e.layer]
+        counts_E = torch.bincount(e.experts_TK[keep_TK], minlength=E)
+        ours.setdefault(e.layer, []).append({
+            "counts": counts_E.tolist(), "scores_columns": None if e.scores_TE is None else e.scores_TE.shape[-1],
+            "skipped": int(getattr(e, "skipped_T", torch.zeros(0)).sum()) if getattr(e, "skipped_T", None) is not None else 0,
+            "dropped": int(e.dropped_TK.sum()) if getattr(e, "dropped_TK", None) is not None else 0,
+        })
+    theirs: dict[str, list] = {}
+    for name, records in seen.items():
+        # One record per block call; a router-returned selection is the model's own, preferred when present.
+        kinds = {k for k, _ in records}
+        kind = "router" if "router" in kinds else "experts"
+        for _, index_TK in (r for r in records if r[0] == kind):
+            E = num_experts[name]
+            real = index_TK[(index_TK >= 0) & (index_TK < E)]
+            theirs.setdefault(name, []).append({"counts": torch.bincount(real, minlength=E)[:E].tolist(),
+                                                "beyond": int((index_TK >= E).sum()), "source": kind})
+    result.update(ours=ours, theirs=theirs, num_experts=num_experts)
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for fam in sys.argv[1:] or moe_families():
+        try:
+            out = probe(fam)
+        except Exception as err:  # noqa: BLE001 - one family's failure must not hide the others'
+            out = {"family": fam, "error": f"{type(err).__name__}: {str(err)[:800]}",
+                   "trace": traceback.format_exc()[-1500:]}
+        print(json.dumps(out), flush=True)
