@@ -24,7 +24,7 @@ EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "mo
 # (layer_types, head_dim); a config ignores keys it does not know or keeps them as inert attributes.
 TINY = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2, moe_k=2,
     top_k=2, moe_topk=2, n_group=1, topk_group=1, first_k_dense_replace=0, decoder_sparse_step=1,
     shared_expert_intermediate_size=16, n_shared_experts=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8,
@@ -35,7 +35,10 @@ TINY = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, mamba_n_heads=4, mamba_d_head=8,
 )
 # What a family needs on top of TINY to build or to route through its MoE path at all (a reason beside each).
-FAMILY_OVERRIDES: dict[str, dict] = {}
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "zaya": dict(num_experts_per_tok=1),  # its config validator: "ZAYA currently supports num_experts_per_tok=1"
+    "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
+}
 TOKENS_BS = (2, 5)
 
 
@@ -118,8 +121,27 @@ def _inputs(model, config) -> dict:
     return inputs
 
 
+def _own_selection_TK(router, out) -> torch.Tensor | None:
+    """The selection a router returned, in the router's own terms (ids >= E for extra classes)."""
+    if not isinstance(out, tuple):
+        return None
+    if len(out) >= 3 and isinstance(out[2], torch.Tensor) and not out[2].is_floating_point():
+        index_TK = out[2].reshape(-1, out[2].shape[-1])
+        biases_C = getattr(router, "balancing_biases", None)
+        if biases_C is not None:
+            # ZAYA rewrites its skip class as expert 0 (weight 0) before returning: redo its own biased top-k
+            # (modeling_zaya.ZayaRouter.forward) so the skip slots keep their class id E.
+            probs_TC = torch.softmax(out[0].float(), dim=-1) + biases_C
+            index_TK = probs_TC.topk(index_TK.shape[-1], dim=-1).indices
+        return index_TK
+    if len(out) == 2 and getattr(router, "top_k", None):  # Llama4: (dense scores, logits), top-k of the logits
+        logits_TE = out[1].reshape(-1, out[1].shape[-1])
+        return logits_TE.topk(router.top_k, dim=-1).indices
+    return None
+
+
 def _reference_hooks(model, taps) -> tuple[dict, list]:
-    """The model's own selection per tapped block: router-returned indices, else what the block gives its
+    """The model's own selection per tapped block: what its router returned, else what the block gives its
     experts. Recorded with hooks of our own, independent of the taps' reading."""
     seen: dict[str, list] = {t.name: [] for t in taps}
     handles = []
@@ -127,8 +149,9 @@ def _reference_hooks(model, taps) -> tuple[dict, list]:
         router = getattr(tap, "router", None)
 
         def on_router(m, a, out, name=tap.name):
-            if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
-                seen[name].append(("router", out[2].detach().reshape(-1, out[2].shape[-1]).clone()))
+            index_TK = _own_selection_TK(m, out)
+            if index_TK is not None:
+                seen[name].append(("router", index_TK.detach().clone()))
 
         def on_experts(m, args, kwargs, name=tap.name):
             values = list(args) + list(kwargs.values())
@@ -152,6 +175,11 @@ def probe(family: str) -> dict:
             w_ED = tap.router_weight_ED()
             if w_ED is not None:
                 w_ED.normal_()
+            # ZAYA initialises its skip class's balancing bias to -1, so at random init it is never chosen: a
+            # zero bias lets skip slots occur in a 10-token forward.
+            biases_C = getattr(getattr(tap, "router", None), "balancing_biases", None)
+            if biases_C is not None:
+                biases_C.zero_()
     taps = find_taps(model)
     result = {"family": family, "model": type(model).__name__, "taps": [t.name for t in taps],
               "adapters": sorted({type(t).__name__ for t in taps})}
@@ -175,7 +203,7 @@ def probe(family: str) -> dict:
         counts_E = torch.bincount(e.experts_TK[keep_TK], minlength=E)
         ours.setdefault(e.layer, []).append({
             "counts": counts_E.tolist(), "scores_columns": None if e.scores_TE is None else e.scores_TE.shape[-1],
-            "skipped": int(getattr(e, "skipped_T", torch.zeros(0)).sum()) if getattr(e, "skipped_T", None) is not None else 0,
+            "skipped": 0 if e.skipped_TK is None else int(e.skipped_TK.sum()),
             "dropped": int(e.dropped_TK.sum()) if getattr(e, "dropped_TK", None) is not None else 0,
         })
     theirs: dict[str, list] = {}
@@ -187,12 +215,14 @@ def probe(family: str) -> dict:
             E = num_experts[name]
             real = index_TK[(index_TK >= 0) & (index_TK < E)]
             theirs.setdefault(name, []).append({"counts": torch.bincount(real, minlength=E)[:E].tolist(),
-                                                "beyond": int((index_TK >= E).sum()), "source": kind})
+                                                "skipped": int((index_TK >= E).sum()), "source": kind})
     result.update(ours=ours, theirs=theirs, num_experts=num_experts)
     return result
 
 
 if __name__ == "__main__":
+    # Import this checkout's package, not an installed one (the script's own folder is sys.path[0]).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     torch.set_num_threads(1)
     for fam in sys.argv[1:] or moe_families():
         try:

@@ -5,9 +5,14 @@ Legend: T tokens, K slots, E experts, F expert width, D hidden size.
 The seam (transformers >= 5): a sparse MoE block owns ``experts``, one module holding every expert's weights
 stacked (``gate_up_proj`` ``[E, 2F, D]``, or ``up_proj`` without a GLU; layout flags ``has_gate``,
 ``is_transposed``, ``is_concatenated`` set by ``transformers.integrations.moe.use_experts_implementation``), and
-calls it as ``experts(hidden_TD, top_k_index_TK, top_k_weights_TK)`` with the routing it will actually apply; a router child (``gate`` or ``router``) returns the router logits, alone or first in a
-tuple. A forward pre-hook on ``experts`` therefore sees exactly what the block routes, whatever selection rule
-(softmax top-k, group-limited, bias-corrected) the model family uses. Nothing here imports ``transformers``.
+calls it as ``experts(hidden_TD, top_k_index_TK, top_k_weights_TK)`` with the routing it will actually apply; a
+router child (``gate`` or ``router``) returns the router logits, alone or first in a tuple. A forward pre-hook on
+``experts`` therefore sees exactly what the block routes, whatever selection rule (softmax top-k, group-limited,
+bias-corrected) the model family uses. Nothing here imports ``transformers``.
+
+Skip / zero-computation experts: some routers score C > E classes, the extra ones computing nothing (ZAYA's skip
+class) or the identity (LongCat-Flash's zero experts, ids >= E). Those slots are not expert work: they are
+reported in ``RoutingEvent.skipped_TK`` and masked out of ``mask_TK``, and ``scores_TE`` keeps the E real columns.
 """
 
 from __future__ import annotations
@@ -36,13 +41,17 @@ UNREADABLE_FAMILIES: dict[str, str] = {
                 "not counted yet",
     "switch_transformers": "capacity router (top-1 with token drops) and per-expert ModuleDict; dropped tokens "
                            "are not counted yet",
-    "longcat_flash": "zero-computation experts occupy ids >= num_experts; they are not separated from real "
-                     "experts yet",
-    "zaya": "skip-expert slots arrive as expert 0 with weight 0 and scores with E+1 columns; not separated yet",
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
 }
 STACKED_WEIGHTS = ("gate_up_proj", "up_proj")
 ROUTER_ATTRIBUTES = ("gate", "router")
+
+
+def _real_experts(experts: nn.Module) -> int | None:
+    """E, the experts that compute: ``num_experts``, or LongCat-Flash's ``num_routed_experts`` (its
+    ``total_experts`` adds the zero-computation ones)."""
+    return next((n for a in ("num_experts", "num_routed_experts") if isinstance(n := getattr(experts, a, None), int)),
+                None)
 
 
 class HuggingFaceMoeTap(Tap):
@@ -84,17 +93,30 @@ class HuggingFaceMoeTap(Tap):
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.Module) or not hasattr(experts, "num_experts"):
+        if not isinstance(experts, nn.Module) or _real_experts(experts) is None:
             return False
         return any(isinstance(w := getattr(experts, a, None), Tensor) and w.dim() == 3 for a in STACKED_WEIGHTS)
 
     @property
     def num_experts(self) -> int:
-        return int(self.experts.num_experts)
+        return int(_real_experts(self.experts))
 
-    def _scores(self, logits_TE: Tensor) -> Tensor:
-        logits_TE = logits_TE.detach().reshape(-1, logits_TE.shape[-1]).float()
-        return torch.sigmoid(logits_TE) if self.score_function == "sigmoid" else torch.softmax(logits_TE, dim=-1)
+    def _scores(self, logits_TC: Tensor) -> Tensor:
+        """``scores_TE`` over the E real experts; the normalisation runs over all C router classes first, as the
+        router's own does (a skip class takes its share of the softmax)."""
+        logits_TC = logits_TC.detach().reshape(-1, logits_TC.shape[-1]).float()
+        scores_TC = torch.sigmoid(logits_TC) if self.score_function == "sigmoid" else torch.softmax(logits_TC, -1)
+        return scores_TC[:, : self.num_experts]
+
+    def _skipped_TK(self, index_TK: Tensor, weights_TK: Tensor, classes: int | None) -> Tensor | None:
+        """Slots sent to a class that is not one of the E experts, or None when the router has no such class
+        (shapes only: no host synchronisation). Ids >= E are LongCat-Flash's zero experts; ZAYA's router rewrites
+        its skip slots as expert 0 with weight exactly 0 before the experts see them, and a softmax weight of a
+        real selection is never exactly 0, so with extra classes a zero weight marks a skip slot."""
+        E = self.num_experts
+        if classes is None or classes <= E:
+            return None
+        return (index_TK >= E) | (weights_TK == 0)
 
     def _register(self, sink: Sink, capture_inputs: bool) -> list[RemovableHandle]:
         pending: dict[str, Tensor] = {}
@@ -132,7 +154,14 @@ class HuggingFaceMoeTap(Tap):
             scores = self._scores(logits) if logits is not None else None
             x_TD = hidden.detach().reshape(-1, hidden.shape[-1]) if capture_inputs else None
             index_TK, weights_TK = index.reshape(-1, index.shape[-1]).long(), weights.reshape(-1, weights.shape[-1])
-            sink(RoutingEvent(self.name, index_TK, weights_TK, scores, x_TD=x_TD))
+            classes = logits.shape[-1] if logits is not None else getattr(self.experts, "total_experts", None)
+            skipped_TK = self._skipped_TK(index_TK, weights_TK, classes)
+            if skipped_TK is None:
+                sink(RoutingEvent(self.name, index_TK, weights_TK, scores, x_TD=x_TD))
+                return
+            # Placeholder id 0 keeps every id in range for the counting metrics; mask_TK leaves the slot out.
+            sink(RoutingEvent(self.name, index_TK.masked_fill(skipped_TK, 0), weights_TK, scores,
+                              mask_TK=~skipped_TK, x_TD=x_TD, skipped_TK=skipped_TK))
 
         handles = [
             self.module.register_forward_pre_hook(self._guarded(on_block)),
