@@ -40,6 +40,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
 }
 TOKENS_BS = (2, 5)
+MAX_PARAMETER = 1 << 20  # elements of the largest parameter of a model that counts as tiny
 
 
 def moe_families() -> list[str]:
@@ -94,6 +95,13 @@ def build(family: str):
             torch.manual_seed(0)
             model_cls = getattr(importlib.import_module(f"transformers.models.{family}"), model_name, None) \
                 or getattr(transformers, model_name)
+            # Sized on the meta device first: a nested config TINY does not reach would otherwise allocate the
+            # full model (one such default took 23 GB) and take the whole group's subprocess down.
+            with torch.device("meta"):
+                numel, name = max((p.numel(), n) for n, p in model_cls(config).named_parameters())
+            if numel > MAX_PARAMETER:
+                errors.append(f"{model_type}: not tiny, parameter {name} has {numel} elements")
+                continue
             model = model_cls(config).eval()
             from lightning_moe.adapters import find_taps
 
@@ -224,10 +232,14 @@ if __name__ == "__main__":
     # Import this checkout's package, not an installed one (the script's own folder is sys.path[0]).
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     torch.set_num_threads(1)
+    import time
+
     for fam in sys.argv[1:] or moe_families():
+        start = time.perf_counter()
         try:
             out = probe(fam)
         except Exception as err:  # noqa: BLE001 - one family's failure must not hide the others'
             out = {"family": fam, "error": f"{type(err).__name__}: {str(err)[:800]}",
                    "trace": traceback.format_exc()[-1500:]}
+        out["seconds"] = round(time.perf_counter() - start, 2)
         print(json.dumps(out), flush=True)
