@@ -36,6 +36,15 @@ TINY = dict(
 )
 # What a family needs on top of TINY to build or to route through its MoE path at all (a reason beside each).
 FAMILY_OVERRIDES: dict[str, dict] = {
+    "beam": dict(mlp_layer_types=["sparse", "sparse"]),  # its MoE layers are listed, not derived
+    "step3p7": dict(mlp_layer_types=["sparse", "sparse"]),
+    "flint": dict(mlp_only_layers=[]),
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2),  # the MoE block is opt-in
+    "diffusion_gemma": dict(enable_moe_block=True, top_k_experts=2),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16]),  # one width per modality (text, vision)
+    # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
+    "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
+    "mimo_v2_flash": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
     "zaya": dict(num_experts_per_tok=1),  # its config validator: "ZAYA currently supports num_experts_per_tok=1"
     "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
 }
@@ -112,6 +121,7 @@ def build(family: str):
         except Exception as err:  # noqa: BLE001 - try the next config of the family, report all
             errors.append(f"{model_type}: {type(err).__name__}: {str(err)[:300]}")
     if fallback is not None:  # built, but no tap finds a block: reported as such, not as a build error
+        print("; ".join(errors), file=sys.stderr)
         return fallback
     raise RuntimeError("; ".join(errors))
 
