@@ -39,8 +39,14 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "beam": dict(mlp_layer_types=["sparse", "sparse"]),  # its MoE layers are listed, not derived
     "step3p7": dict(mlp_layer_types=["sparse", "sparse"]),
     "flint": dict(mlp_only_layers=[]),
-    "gemma4": dict(enable_moe_block=True, top_k_experts=2),  # the MoE block is opt-in
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64,
+                   hidden_size_per_layer_input=8),  # the MoE block is opt-in
     "diffusion_gemma": dict(enable_moe_block=True, top_k_experts=2),
+    # (time, height, width) rope sections summing to qk_rope_head_dim // 2
+    "hy_v4_vl": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+    # sparse layers listed; DSA attention is NoPE; hybrid of one short-conv and one attention layer, none dense
+    "glm5_next": dict(mlp_layer_types=["sparse", "sparse"], qk_rope_head_dim=0),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16]),  # one width per modality (text, vision)
     # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
     "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
@@ -114,7 +120,7 @@ def build(family: str):
             model = model_cls(config).eval()
             from lightning_moe.adapters import find_taps
 
-            if find_taps(model) or model_type == candidates[-1][0]:
+            if find_taps(model):
                 return model, config
             errors.append(f"{model_type}: no tap found in {model_name}")
             fallback = fallback or (model, config)
