@@ -47,6 +47,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     # sparse layers listed; DSA attention is NoPE; hybrid of one short-conv and one attention layer, none dense
     "glm5_next": dict(mlp_layer_types=["sparse", "sparse"], qk_rope_head_dim=0),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+    "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+                                       "partial_rotary_factor": 0.5}),
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16]),  # one width per modality (text, vision)
     # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
     "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
@@ -55,7 +57,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
 }
 TOKENS_BS = (2, 5)
-MAX_PARAMETER = 1 << 20  # elements of the largest parameter of a model that counts as tiny
+MAX_PARAMETER = 1 << 23  # elements of the largest parameter of a model that counts as tiny
 
 
 def moe_families() -> list[str]:
