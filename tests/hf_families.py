@@ -55,6 +55,9 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "mimo_v2_flash": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
     "zaya": dict(num_experts_per_tok=1),  # its config validator: "ZAYA currently supports num_experts_per_tok=1"
     "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
+    # capacities small enough that a 10-token forward drops choices
+    "switch_transformers": dict(expert_capacity=2),
+    "nllb_moe": dict(expert_capacity=2, moe_eval_capacity_token_fraction=0.2),
 }
 TOKENS_BS = (2, 5)
 MAX_PARAMETER = 1 << 23  # elements of the largest parameter of a model that counts as tiny
@@ -166,6 +169,16 @@ def _own_selection_TK(router, out) -> torch.Tensor | None:
     return None
 
 
+def _dispatched(out) -> tuple[torch.Tensor, int]:
+    """A capacity router's kept (token, expert) pairs per expert and its dropped choices, from its outputs:
+    Switch's one-hot dispatch (top-1), NLLB's combine weights (top-2, zero where dropped)."""
+    dispatch, probs, logits = out
+    E = logits.shape[-1]
+    kept_TE = (probs.reshape(-1, E) > 0) if probs.shape[-1] == E else (dispatch.reshape(-1, E) > 0)
+    k = 2 if probs.shape[-1] == E else 1
+    return kept_TE.sum(0), kept_TE.shape[0] * k - int(kept_TE.sum())
+
+
 def _reference_hooks(model, taps) -> tuple[dict, list]:
     """The model's own selection per tapped block: what its router returned, else what the block gives its
     experts. Recorded with hooks of our own, independent of the taps' reading."""
@@ -175,6 +188,9 @@ def _reference_hooks(model, taps) -> tuple[dict, list]:
         router = getattr(tap, "router", None)
 
         def on_router(m, a, out, name=tap.name):
+            if hasattr(m, "expert_capacity"):  # capacity router: what it dispatched, not what it chose
+                seen[name].append(("dispatch", _dispatched(out)))
+                return
             index_TK = _own_selection_TK(m, out)
             if index_TK is not None:
                 seen[name].append(("router", index_TK.detach().clone()))
@@ -230,18 +246,24 @@ def probe(family: str) -> dict:
         ours.setdefault(e.layer, []).append({
             "counts": counts_E.tolist(), "scores_columns": None if e.scores_TE is None else e.scores_TE.shape[-1],
             "skipped": 0 if e.skipped_TK is None else int(e.skipped_TK.sum()),
-            "dropped": int(e.dropped_TK.sum()) if getattr(e, "dropped_TK", None) is not None else 0,
+            "dropped": 0 if e.dropped_TK is None else int(e.dropped_TK.sum()),
         })
     theirs: dict[str, list] = {}
     for name, records in seen.items():
         # One record per block call; a router-returned selection is the model's own, preferred when present.
         kinds = {k for k, _ in records}
-        kind = "router" if "router" in kinds else "experts"
+        kind = next(k for k in ("dispatch", "router", "experts") if k in kinds or k == "experts")
         for _, index_TK in (r for r in records if r[0] == kind):
             E = num_experts[name]
+            if kind == "dispatch":
+                counts_E, dropped = index_TK
+                theirs.setdefault(name, []).append({"counts": counts_E.tolist(), "skipped": 0, "dropped": dropped,
+                                                    "source": kind})
+                continue
             real = index_TK[(index_TK >= 0) & (index_TK < E)]
             theirs.setdefault(name, []).append({"counts": torch.bincount(real, minlength=E)[:E].tolist(),
-                                                "skipped": int((index_TK >= E).sum()), "source": kind})
+                                                "skipped": int((index_TK >= E).sum()), "dropped": 0,
+                                                "source": kind})
     result.update(ours=ours, theirs=theirs, num_experts=num_experts)
     return result
 

@@ -59,10 +59,10 @@ def _problem(record: dict | None) -> str | None:
         if [e["scores_columns"] for e in events if e["scores_columns"] is not None] != \
                 [record["num_experts"][layer]] * sum(e["scores_columns"] is not None for e in events):
             return f"{layer}: scores_TE columns {[e['scores_columns'] for e in events]} != E"
-        want = [(t["counts"], t["skipped"]) for t in theirs.get(layer, [])]
-        got = [(e["counts"], e["skipped"]) for e in events]
+        want = [(t["counts"], t["skipped"], t["dropped"]) for t in theirs.get(layer, [])]
+        got = [(e["counts"], e["skipped"], e["dropped"]) for e in events]
         if got != want:
-            return f"{layer}: (counts, skipped) ours {got} vs the model's {want}"
+            return f"{layer}: (counts, skipped, dropped) ours {got} vs the model's {want}"
     return None
 
 
@@ -95,3 +95,11 @@ def test_skip_slots_are_counted_apart_from_the_experts(results):
         record = results[family]
         assert _problem(record) is None
         assert sum(e["skipped"] for events in record["ours"].values() for e in events) > 0
+
+
+def test_capacity_drops_are_counted(results):
+    # Switch (top-1) and NLLB-MoE (top-2) with capacity 2 drop choices in a 10-token forward; ours match theirs.
+    for family in ("switch_transformers", "nllb_moe"):
+        record = results[family]
+        assert _problem(record) is None
+        assert sum(e["dropped"] for events in record["ours"].values() for e in events) > 0

@@ -37,10 +37,6 @@ UNREADABLE_FAMILIES: dict[str, str] = {
             "stacked `gate_up_proj`, so discovery finds no block",
     "jetmoe": "mixture of attention and MLP experts through its own MoE/MoA modules (`input_linear` stacks), "
               "not the sparse-MoE-block seam",
-    "nllb_moe": "capacity router (top-2 with token drops) computes a dispatch mask itself; dropped tokens are "
-                "not counted yet",
-    "switch_transformers": "capacity router (top-1 with token drops) and per-expert ModuleDict; dropped tokens "
-                           "are not counted yet",
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
     "vitpose_backbone": "experts are picked by the `dataset_index` the caller passes (one part-feature head per "
                         "dataset), no router; no base model in the auto mapping",
@@ -198,3 +194,61 @@ class HuggingFaceMoeTap(Tap):
             half = w_E2FD.shape[1] // 2
             return w_E2FD[:, :half] if projection == "gate" else w_E2FD[:, half:]
         return w_E2FD[:, 0::2] if projection == "gate" else w_E2FD[:, 1::2]  # interleaved gate0, up0, gate1, ...
+
+
+class HuggingFaceCapacityTap(Tap):
+    """Routing events from a transformers capacity-router block (Switch Transformers top-1, NLLB-MoE top-2).
+
+    Their routers choose the top-k experts of the logits, then drop the choices past an expert's capacity, and
+    return ``(dispatch, probs, logits)``: Switch a one-hot dispatch ``[.., E]`` of the kept choice with the top
+    probability ``[.., 1]``; NLLB its top-1 mask with the combine weights ``[.., E]`` (zero where not kept). The
+    event's ``experts_TK`` is the choice, ``mask_TK`` the kept slots and ``dropped_TK`` the rest (NLLB's
+    ``second_expert_policy="random"`` drops count there too). Experts are a per-expert ModuleDict, so no
+    ``expert_weight_EFD``.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        if not self.matches(module):
+            raise TypeError(
+                f"HuggingFaceCapacityTap needs a block whose `router` has `expert_capacity` and `num_experts` "
+                f"(Switch Transformers, NLLB-MoE), got {type(module).__name__}."
+            )
+        super().__init__(name, module)
+        self.router: nn.Module = module.router
+        # NLLB's router is the top-2 one (it alone has a second-expert policy); Switch's is top-1.
+        self.top_k = 2 if hasattr(self.router, "second_expert_policy") else 1
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        router = getattr(module, "router", None)
+        return (isinstance(router, nn.Module) and hasattr(router, "expert_capacity")
+                and isinstance(getattr(router, "num_experts", None), int) and isinstance(module, nn.Module)
+                and isinstance(getattr(module, "experts", None), nn.Module))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.num_experts)
+
+    def _register(self, sink: Sink, capture_inputs: bool) -> list[RemovableHandle]:
+        E = self.num_experts
+
+        def on_router(router: nn.Module, args: tuple, output) -> None:
+            dispatch, probs, logits = output
+            logits_TE = logits.detach().reshape(-1, E).float()
+            chosen_TK = logits_TE.topk(self.top_k, dim=-1).indices  # argmax first, as both routers choose
+            if probs.shape[-1] == E:  # NLLB: combine weights, zero for a dropped choice
+                weights_TK = probs.reshape(-1, E).gather(1, chosen_TK)
+                kept_TK = weights_TK > 0
+            else:  # Switch: the kept choice's one-hot, next to its probability
+                kept_TK = dispatch.reshape(-1, E).gather(1, chosen_TK) > 0
+                weights_TK = probs.reshape(-1, 1)
+            hidden = args[0] if args else None
+            x_TD = hidden.detach().reshape(-1, hidden.shape[-1]) if capture_inputs and hidden is not None else None
+            sink(RoutingEvent(self.name, chosen_TK, weights_TK, torch.softmax(logits_TE, dim=-1), mask_TK=kept_TK,
+                              x_TD=x_TD, dropped_TK=~kept_TK))
+
+        return [self.router.register_forward_hook(self._guarded(on_router))]
+
+    def router_weight_ED(self) -> Tensor | None:
+        classifier = getattr(self.router, "classifier", None)
+        return classifier.weight if isinstance(classifier, nn.Linear) else None
