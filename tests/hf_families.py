@@ -53,6 +53,8 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
     "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
     "mimo_v2_flash": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
+    "dbrx": dict(d_model=16, n_heads=2, n_layers=2, attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=16)),  # its own field names
     "zaya": dict(num_experts_per_tok=1),  # its config validator: "ZAYA currently supports num_experts_per_tok=1"
     "longcat_flash": dict(zero_expert_num=2),  # two identity experts, so zero-computation slots occur
     # capacities small enough that a 10-token forward drops choices
@@ -107,7 +109,8 @@ def build(family: str):
             config_cls = getattr(transformers, config_name)
             kwargs = {**TINY, **FAMILY_OVERRIDES.get(family, {})}
             # Nested configs (text / vision / attention / ffn) are shrunk by handing the parent the same sizes.
-            subs = {s: dict(kwargs) for s in getattr(config_cls, "sub_configs", {}) or {}}
+            overrides = FAMILY_OVERRIDES.get(family, {})
+            subs = {s: {**kwargs, **overrides.get(s, {})} for s in getattr(config_cls, "sub_configs", {}) or {}}
             config = config_cls(**{**kwargs, **subs})
             if not _is_moe(config) and not any(_is_moe(getattr(config, s)) for s in config.sub_configs or {}):
                 errors.append(f"{model_type}: config has no experts")

@@ -150,3 +150,15 @@ def test_zero_weight_slots_of_a_router_with_a_skip_class_are_skipped():
     # ZAYA rewrites its skip slots as expert 0 with weight 0 before the experts see them.
     event = _skip_event([[0], [0], [1]], [[0.5], [0.0], [0.2]])
     assert event.skipped_TK.tolist() == [[False], [True], [False]]
+
+
+def test_megablocks_layout_expert_weights_are_viewed_per_expert():
+    # DBRX: experts.mlp.w1 (gate) and v1 (up) stacked 2-D as [E*F, D].
+    block = torch.nn.Module()
+    block.experts, block.experts.num_experts = torch.nn.Module(), 2
+    block.experts.mlp = torch.nn.Module()
+    block.experts.mlp.w1 = torch.nn.Parameter(torch.arange(6 * 4.0).view(6, 4))
+    block.experts.mlp.v1 = torch.nn.Parameter(-torch.arange(6 * 4.0).view(6, 4))
+    tap = HuggingFaceMoeTap("block", block)
+    assert torch.equal(tap.expert_weight_EFD("gate"), block.experts.mlp.w1.view(2, 3, 4))
+    assert torch.equal(tap.expert_weight_EFD("up"), block.experts.mlp.v1.view(2, 3, 4))

@@ -10,6 +10,9 @@ router child (``gate`` or ``router``) returns the router logits, alone or first 
 ``experts`` therefore sees exactly what the block routes, whatever selection rule (softmax top-k, group-limited,
 bias-corrected) the model family uses. Nothing here imports ``transformers``.
 
+DBRX's experts keep the MegaBlocks layout (``mlp.w1/v1/w2`` 2-D ``[E*F, D]``) behind the same call, and are read
+the same way.
+
 Skip / zero-computation experts: some routers score C > E classes, the extra ones computing nothing (ZAYA's skip
 class) or the identity (LongCat-Flash's zero experts, ids >= E). Those slots are not expert work: they are
 reported in ``RoutingEvent.skipped_TK`` and masked out of ``mask_TK``, and ``scores_TE`` keeps the E real columns.
@@ -33,8 +36,6 @@ ScoreFunction = Literal["auto", "softmax", "sigmoid"]
 # The one table of transformers MoE families this adapter does not read yet, with the reason; the README shows it.
 # A family missing from here is expected to be read correctly (taps discovered, counts equal to its router's).
 UNREADABLE_FAMILIES: dict[str, str] = {
-    "dbrx": "DbrxExperts keeps MegaBlocks-style 2-D `mlp.w1/v1/w2` ([E*F, D]), not a 3-D "
-            "stacked `gate_up_proj`, so discovery finds no block",
     "jetmoe": "mixture of attention and MLP experts through its own MoE/MoA modules (`input_linear` stacks), "
               "not the sparse-MoE-block seam",
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
@@ -56,6 +57,16 @@ def _real_experts(experts: nn.Module) -> int | None:
     ``total_experts`` adds the zero-computation ones)."""
     return next((n for a in ("num_experts", "num_routed_experts") if isinstance(n := getattr(experts, a, None), int)),
                 None)
+
+
+def _rows_EFD(experts: nn.Module, projection: Projection) -> Tensor | None:
+    """DBRX's MegaBlocks-style layout: ``experts.mlp.w1`` (gate) and ``v1`` (up) as 2-D ``[E*F, D]``, viewed
+    ``[E, F, D]``; None for any other layout."""
+    w = getattr(getattr(experts, "mlp", None), "w1" if projection == "gate" else "v1", None)
+    E = _real_experts(experts)
+    if not isinstance(w, Tensor) or w.dim() != 2 or not E or w.shape[0] % E:
+        return None
+    return w.view(E, w.shape[0] // E, w.shape[1])
 
 
 class HuggingFaceMoeTap(Tap):
@@ -99,7 +110,9 @@ class HuggingFaceMoeTap(Tap):
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.Module) or _real_experts(experts) is None:
             return False
-        return any(isinstance(w := getattr(experts, a, None), Tensor) and w.dim() == 3 for a in STACKED_WEIGHTS)
+        if any(isinstance(w := getattr(experts, a, None), Tensor) and w.dim() == 3 for a in STACKED_WEIGHTS):
+            return True
+        return _rows_EFD(experts, "gate") is not None
 
     @property
     def num_experts(self) -> int:
@@ -176,13 +189,16 @@ class HuggingFaceMoeTap(Tap):
         return handles
 
     def router_weight_ED(self) -> Tensor | None:
-        hidden_size = getattr(getattr(self.experts, "config", None), "hidden_size", None)
+        hidden_size = getattr(getattr(self.experts, "config", None), "hidden_size", None) or getattr(
+            self.experts, "hidden_size", None)
         if self.router is None or hidden_size is None:
             return None
         return find_rows_ED(self.router, self.num_experts, hidden_size)
 
     def expert_weight_EFD(self, projection: Projection) -> Tensor | None:
         e = self.experts
+        if (w_EFD := _rows_EFD(e, projection)) is not None:
+            return w_EFD
         transposed = getattr(e, "is_transposed", False)  # [E, D, 2F] instead of [E, 2F, D]
         w = getattr(e, "gate_up_proj", None) if getattr(e, "has_gate", True) else None
         if w is None:
