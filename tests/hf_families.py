@@ -194,6 +194,9 @@ def _reference_hooks(model, taps) -> tuple[dict, list]:
             if hasattr(m, "expert_capacity"):  # capacity router: what it dispatched, not what it chose
                 seen[name].append(("dispatch", _dispatched(out)))
                 return
+            if isinstance(out, tuple) and len(out) == 5 and isinstance(out[3], list):  # JetMoE: expert_size
+                seen[name].append(("sizes", torch.tensor(out[3])))
+                return
             index_TK = _own_selection_TK(m, out)
             if index_TK is not None:
                 seen[name].append(("router", index_TK.detach().clone()))
@@ -255,9 +258,13 @@ def probe(family: str) -> dict:
     for name, records in seen.items():
         # One record per block call; a router-returned selection is the model's own, preferred when present.
         kinds = {k for k, _ in records}
-        kind = next(k for k in ("dispatch", "router", "experts") if k in kinds or k == "experts")
+        kind = next(k for k in ("dispatch", "sizes", "router", "experts") if k in kinds or k == "experts")
         for _, index_TK in (r for r in records if r[0] == kind):
             E = num_experts[name]
+            if kind == "sizes":  # the router's own tokens-per-expert
+                theirs.setdefault(name, []).append({"counts": index_TK.tolist(), "skipped": 0, "dropped": 0,
+                                                    "source": kind})
+                continue
             if kind == "dispatch":
                 counts_E, dropped = index_TK
                 theirs.setdefault(name, []).append({"counts": counts_E.tolist(), "skipped": 0, "dropped": dropped,

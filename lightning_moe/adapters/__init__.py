@@ -8,13 +8,14 @@ transformers sparse MoE blocks (Mixtral, OLMoE, Qwen2-MoE, ...) and MegaBlocks `
 from lightning_moe.adapters.base import Projection, Tap
 from lightning_moe.adapters.discovery import DEFAULT_ADAPTERS, attach_taps, find_taps, record_routing
 from lightning_moe.adapters.events import RoutingEvent
-from lightning_moe.adapters.huggingface import UNREADABLE_FAMILIES, HuggingFaceCapacityTap, HuggingFaceMoeTap
+from lightning_moe.adapters.huggingface import UNREADABLE_FAMILIES, HuggingFaceCapacityTap, HuggingFaceGatingTap, HuggingFaceMoeTap
 from lightning_moe.adapters.megablocks import MegaBlocksTap
 from lightning_moe.adapters.native import MoELayerTap, RouterTap
 
 __all__ = [
     "DEFAULT_ADAPTERS",
     "HuggingFaceCapacityTap",
+    "HuggingFaceGatingTap",
     "HuggingFaceMoeTap",
     "MegaBlocksTap",
     "MoELayerTap",

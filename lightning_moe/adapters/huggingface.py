@@ -36,8 +36,6 @@ ScoreFunction = Literal["auto", "softmax", "sigmoid"]
 # The one table of transformers MoE families this adapter does not read yet, with the reason; the README shows it.
 # A family missing from here is expected to be read correctly (taps discovered, counts equal to its router's).
 UNREADABLE_FAMILIES: dict[str, str] = {
-    "jetmoe": "mixture of attention and MLP experts through its own MoE/MoA modules (`input_linear` stacks), "
-              "not the sparse-MoE-block seam",
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
     "vitpose_backbone": "experts are picked by the `dataset_index` the caller passes (one part-feature head per "
                         "dataset), no router; no base model in the auto mapping",
@@ -268,3 +266,55 @@ class HuggingFaceCapacityTap(Tap):
     def router_weight_ED(self) -> Tensor | None:
         classifier = getattr(self.router, "classifier", None)
         return classifier.weight if isinstance(classifier, nn.Linear) else None
+
+
+class HuggingFaceGatingTap(Tap):
+    """Routing events from JetMoE's MoE (MLP experts) and MoA (attention experts) blocks.
+
+    Their router (``JetMoeTopKGating``) returns the tokens already sorted by expert, ``(index_sorted, batch_index,
+    batch_gates, expert_size, logits)``, so the per-token choice is read back from the logits it returns last with
+    the router's own operations: ``logits.topk(top_k)`` and a softmax over the K chosen logits.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        if not self.matches(module):
+            raise TypeError(
+                f"HuggingFaceGatingTap needs a block with `input_linear` experts and a `router` that has `top_k`, "
+                f"`num_experts` and a linear `layer` (JetMoE's MoE/MoA), got {type(module).__name__}."
+            )
+        super().__init__(name, module)
+        self.router: nn.Module = module.router
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        router = getattr(module, "router", None)
+        return (isinstance(getattr(module, "input_linear", None), nn.Module) and isinstance(router, nn.Module)
+                and isinstance(getattr(router, "top_k", None), int)
+                and isinstance(getattr(router, "num_experts", None), int)
+                and isinstance(getattr(router, "layer", None), nn.Linear))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.num_experts)
+
+    def _register(self, sink: Sink, capture_inputs: bool) -> list[RemovableHandle]:
+        def on_router(router: nn.Module, args: tuple, output) -> None:
+            logits_TE = output[-1].detach().reshape(-1, self.num_experts).float()
+            top_logits_TK, experts_TK = logits_TE.topk(router.top_k, dim=1)
+            x_TD = args[0].detach().reshape(-1, args[0].shape[-1]) if capture_inputs else None
+            sink(RoutingEvent(self.name, experts_TK, torch.softmax(top_logits_TK, dim=1),
+                              torch.softmax(logits_TE, dim=-1), x_TD=x_TD))
+
+        return [self.router.register_forward_hook(self._guarded(on_router))]
+
+    def router_weight_ED(self) -> Tensor | None:
+        return self.router.layer.weight
+
+    def expert_weight_EFD(self, projection: Projection) -> Tensor | None:
+        # The MLP experts' input_linear is [E, 2F, D], gate rows first (``chunk(2, dim=-1)`` in JetMoeMoE);
+        # the attention experts' is a query projection, which has no gate.
+        w = getattr(self.module.input_linear, "weight", None)
+        if not hasattr(self.module, "activation") or not isinstance(w, Tensor) or w.dim() != 3:
+            return None
+        half = w.shape[1] // 2
+        return w[:, :half] if projection == "gate" else w[:, half:]
