@@ -49,7 +49,10 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
     "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
                                        "partial_rotary_factor": 0.5}),
-    "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16]),  # one width per modality (text, vision)
+    # one expert width per modality (text, vision); rope sections (h, w, t) over head_dim // 2 = 4 frequencies
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16], text_config=dict(
+        moe_intermediate_size=[16, 16],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})),
     # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
     "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
     "mimo_v2_flash": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
@@ -98,6 +101,8 @@ def build(family: str):
 
     import transformers
 
+    from lightning_moe.adapters import find_taps
+
     candidates = _model_types(family)
     if not candidates:
         raise LookupError(f"no base model class for any config of transformers.models.{family}")
@@ -110,7 +115,9 @@ def build(family: str):
             kwargs = {**TINY, **FAMILY_OVERRIDES.get(family, {})}
             # Nested configs (text / vision / attention / ffn) are shrunk by handing the parent the same sizes.
             overrides = FAMILY_OVERRIDES.get(family, {})
-            subs = {s: {**kwargs, **overrides.get(s, {})} for s in getattr(config_cls, "sub_configs", {}) or {}}
+            names = getattr(config_cls, "sub_configs", {}) or {}
+            shared = {k: v for k, v in kwargs.items() if k not in names}
+            subs = {s: {**shared, **overrides.get(s, {})} for s in names}
             config = config_cls(**{**kwargs, **subs})
             if not _is_moe(config) and not any(_is_moe(getattr(config, s)) for s in config.sub_configs or {}):
                 errors.append(f"{model_type}: config has no experts")
@@ -126,8 +133,6 @@ def build(family: str):
                 errors.append(f"{model_type}: not tiny, parameter {name} has {numel} elements")
                 continue
             model = model_cls(config).eval()
-            from lightning_moe.adapters import find_taps
-
             if find_taps(model):
                 return model, config
             errors.append(f"{model_type}: no tap found in {model_name}")

@@ -41,8 +41,6 @@ UNREADABLE_FAMILIES: dict[str, str] = {
                         "dataset), no router; no base model in the auto mapping",
     "deepseek_ocr2": "not checked: its config does not build from the tiny sizes (TypeError in a nested vision "
                      "config); its language model is DeepSeek-V2's, which is read",
-    "ernie4_5_vl_moe": "not checked: the tiny forward fails in its text/vision expert split (an expanded size 4 "
-                       "against 0), so no routing is produced to compare",
     "nemotron3_5_transcribe": "not checked: a speech model whose language model is a nested dict and whose audio "
                               "config's `hidden_size` is read-only, so it is not built tiny",
 }
