@@ -56,6 +56,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     # MLA with a single key/value head and 4-wide rope halves, as its attention's shapes require
     "mistral4": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
     "mimo_v2_flash": dict(num_key_value_heads=1, qk_rope_head_dim=4, qk_nope_head_dim=4),
+    "deepseek_ocr2": dict(text_config=dict(mlp_layer_types=["sparse", "sparse"])),  # sparse layers are listed
     "dbrx": dict(d_model=16, n_heads=2, n_layers=2, attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=16)),  # its own field names
     "zaya": dict(num_experts_per_tok=1),  # its config validator: "ZAYA currently supports num_experts_per_tok=1"
@@ -95,6 +96,14 @@ def _is_moe(config) -> bool:
     return any(isinstance(getattr(config, a, None), int) and getattr(config, a) > 1 for a in EXPERT_ATTRIBUTES)
 
 
+def _sub_kwargs(config_cls, kwargs: dict, overrides: dict) -> dict:
+    """Nested configs (text / vision / attention / ffn, and theirs in turn) shrunk by handing each the same sizes;
+    an override named after a nested config applies to it alone."""
+    names = getattr(config_cls, "sub_configs", {}) or {}
+    shared = {k: v for k, v in kwargs.items() if k not in names}
+    return {n: {**shared, **_sub_kwargs(sub_cls, shared, {}), **overrides.get(n, {})} for n, sub_cls in names.items()}
+
+
 def build(family: str):
     """The family's smallest model with an MoE path: the text sub-model of a multimodal family."""
     import importlib
@@ -113,12 +122,8 @@ def build(family: str):
         try:
             config_cls = getattr(transformers, config_name)
             kwargs = {**TINY, **FAMILY_OVERRIDES.get(family, {})}
-            # Nested configs (text / vision / attention / ffn) are shrunk by handing the parent the same sizes.
             overrides = FAMILY_OVERRIDES.get(family, {})
-            names = getattr(config_cls, "sub_configs", {}) or {}
-            shared = {k: v for k, v in kwargs.items() if k not in names}
-            subs = {s: {**shared, **overrides.get(s, {})} for s in names}
-            config = config_cls(**{**kwargs, **subs})
+            config = config_cls(**{**kwargs, **_sub_kwargs(config_cls, kwargs, overrides)})
             if not _is_moe(config) and not any(_is_moe(getattr(config, s)) for s in config.sub_configs or {}):
                 errors.append(f"{model_type}: config has no experts")
                 continue

@@ -39,8 +39,6 @@ UNREADABLE_FAMILIES: dict[str, str] = {
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
     "vitpose_backbone": "experts are picked by the `dataset_index` the caller passes (one part-feature head per "
                         "dataset), no router; no base model in the auto mapping",
-    "deepseek_ocr2": "not checked: its config does not build from the tiny sizes (TypeError in a nested vision "
-                     "config); its language model is DeepSeek-V2's, which is read",
     "nemotron3_5_transcribe": "not checked: a speech model whose language model is a nested dict and whose audio "
                               "config's `hidden_size` is read-only, so it is not built tiny",
 }
