@@ -39,8 +39,9 @@ UNREADABLE_FAMILIES: dict[str, str] = {
     "doge": "cross-domain MoE by product-key retrieval over embedding experts, no top-k block seam",
     "vitpose_backbone": "experts are picked by the `dataset_index` the caller passes (one part-feature head per "
                         "dataset), no router; no base model in the auto mapping",
-    "nemotron3_5_transcribe": "not checked: a speech model whose language model is a nested dict and whose audio "
-                              "config's `hidden_size` is read-only, so it is not built tiny",
+    "nemotron3_5_transcribe": "not checked: its speech-LM config (`nemo_speechlm`) does not take the tiny sizes "
+                              "(its audio config's `hidden_size` is a read-only property); its language model is "
+                              "NemotronH's, which is read",
 }
 STACKED_WEIGHTS = ("gate_up_proj", "up_proj")
 ROUTER_ATTRIBUTES = ("gate", "router")
