@@ -112,3 +112,53 @@ def test_transposed_interleaved_expert_weights_are_read_per_layout():
     w_E2FD = block.experts.gate_up_proj.transpose(1, 2)
     assert torch.equal(tap.expert_weight_EFD("gate"), w_E2FD[:, 0::2])
     assert torch.equal(tap.expert_weight_EFD("up"), w_E2FD[:, 1::2])
+
+
+class _SkipClassBlock(torch.nn.Module):
+    """A router scoring E + 1 = 3 classes over 2 experts, handing the experts a fixed routing of 3 tokens."""
+
+    def __init__(self, index_TK, weights_TK) -> None:
+        super().__init__()
+        self.gate, self.experts = torch.nn.Linear(4, 3), torch.nn.Module()
+        self.experts.num_experts = 2
+        self.experts.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 6, 4))
+        self.experts.forward = lambda hidden, index, weights: hidden
+        self.index_TK, self.weights_TK = index_TK, weights_TK
+
+    def forward(self, x_TD):
+        self.gate(x_TD)
+        return self.experts(x_TD, self.index_TK, self.weights_TK)
+
+
+def _skip_event(index_TK, weights_TK):
+    block = _SkipClassBlock(torch.tensor(index_TK), torch.tensor(weights_TK))
+    with record_routing(torch.nn.Sequential(block)) as events:
+        block(torch.randn(3, 4))
+    return events[0]
+
+
+def test_ids_beyond_the_experts_are_skipped_slots_not_experts():
+    # LongCat-Flash: zero-computation experts keep their ids >= E.
+    event = _skip_event([[0], [2], [1]], [[0.5], [0.3], [0.2]])
+    assert event.skipped_TK.tolist() == [[False], [True], [False]]
+    assert event.mask_TK.tolist() == [[True], [False], [True]]
+    assert event.experts_TK.tolist() == [[0], [0], [1]]  # placeholder 0 keeps ids in range for the metrics
+    assert event.scores_TE.shape == (3, 2)  # the skip class's column is not an expert's
+
+
+def test_zero_weight_slots_of_a_router_with_a_skip_class_are_skipped():
+    # ZAYA rewrites its skip slots as expert 0 with weight 0 before the experts see them.
+    event = _skip_event([[0], [0], [1]], [[0.5], [0.0], [0.2]])
+    assert event.skipped_TK.tolist() == [[False], [True], [False]]
+
+
+def test_megablocks_layout_expert_weights_are_viewed_per_expert():
+    # DBRX: experts.mlp.w1 (gate) and v1 (up) stacked 2-D as [E*F, D].
+    block = torch.nn.Module()
+    block.experts, block.experts.num_experts = torch.nn.Module(), 2
+    block.experts.mlp = torch.nn.Module()
+    block.experts.mlp.w1 = torch.nn.Parameter(torch.arange(6 * 4.0).view(6, 4))
+    block.experts.mlp.v1 = torch.nn.Parameter(-torch.arange(6 * 4.0).view(6, 4))
+    tap = HuggingFaceMoeTap("block", block)
+    assert torch.equal(tap.expert_weight_EFD("gate"), block.experts.mlp.w1.view(2, 3, 4))
+    assert torch.equal(tap.expert_weight_EFD("up"), block.experts.mlp.v1.view(2, 3, 4))

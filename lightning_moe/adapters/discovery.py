@@ -9,12 +9,14 @@ from torch import nn
 
 from lightning_moe.adapters.base import Sink, Tap
 from lightning_moe.adapters.events import RoutingEvent
-from lightning_moe.adapters.huggingface import HuggingFaceMoeTap
+from lightning_moe.adapters.huggingface import HuggingFaceCapacityTap, HuggingFaceGatingTap, HuggingFaceMoeTap
 from lightning_moe.adapters.megablocks import MegaBlocksTap
 from lightning_moe.adapters.native import MoELayerTap, RouterTap
 
 # Tried in order; the first whose ``matches`` accepts a module taps it (an MoELayer before the router inside it).
-DEFAULT_ADAPTERS: tuple[type[Tap], ...] = (MoELayerTap, HuggingFaceMoeTap, MegaBlocksTap, RouterTap)
+DEFAULT_ADAPTERS: tuple[type[Tap], ...] = (
+    MoELayerTap, HuggingFaceMoeTap, HuggingFaceCapacityTap, HuggingFaceGatingTap, MegaBlocksTap, RouterTap
+)
 
 
 def find_taps(

@@ -26,6 +26,11 @@ class RoutingEvent:
         mask_TK: bool, which slots are real assignments, for routers whose number of experts per token varies
             (expert choice pads to K = E slots with weight 0); None = every slot is one.
         x_TD: the layer's input tokens, only when the tap was attached with ``capture_inputs=True``.
+        skipped_TK: bool, slots the router sent to a skip / zero-computation expert (ZAYA's skip class,
+            LongCat-Flash's identity experts): no real expert computes them, so they are False in ``mask_TK``,
+            their ``experts_TK`` entry is a placeholder 0, and they are counted here instead; None = no such slot.
+        dropped_TK: bool, slots a capacity router chose but dropped because the expert was full (Switch
+            Transformers, NLLB-MoE): ``experts_TK`` keeps the chosen expert, ``mask_TK`` is False; None = no drops.
     """
 
     layer: str
@@ -35,6 +40,8 @@ class RoutingEvent:
     mask_T: Tensor | None = None
     mask_TK: Tensor | None = None
     x_TD: Tensor | None = None
+    skipped_TK: Tensor | None = None
+    dropped_TK: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
