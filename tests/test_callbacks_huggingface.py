@@ -90,3 +90,19 @@ def test_skip_slots_reach_no_expert_count_and_specialization_runs(tmp_path):
     got = [load.metrics[f"train/model.{e.layer}/load"].counts_E.sum().item() for e in events]
     assert got == want
     assert f"train/spec/model.{events[0].layer}/token_specialization" in spec.logged
+
+
+def test_skip_slots_are_counted_beside_the_load(tmp_path):
+    torch.manual_seed(0)
+    module = ZayaModule()
+    first = next(iter(batches(1)))
+    with record_routing(module.model) as events, torch.no_grad():
+        module.model(first["input_ids"], attention_mask=first["attention_mask"])
+    real_T = first["attention_mask"].reshape(-1).bool()
+    load = LoadBalanceMonitor(every_n_steps=1, plots=False)
+    pl.Trainer(max_steps=1, callbacks=[load], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu").fit(module, batches(1))
+    for e in events:
+        skipped = int((e.skipped_TK.reshape(-1) & real_T).sum())
+        assert load.logged[f"train/load/model.{e.layer}/skipped_share"] == pytest.approx(skipped / int(real_T.sum()))
+        assert load.logged[f"train/load/model.{e.layer}/dropped_share"] == 0

@@ -32,3 +32,14 @@ def test_states_are_sum_reduced_and_merge_exactly():
     assert_reductions(ExpertLoad(4))
     experts_TK = torch.randint(0, 4, (30, 2), generator=torch.Generator().manual_seed(0))
     assert_merge_equals_whole(lambda: ExpertLoad(4), lambda m, s: m.update(experts_TK[s]), 30)
+
+
+def test_slot_counts_give_the_skipped_and_dropped_shares_of_counted_tokens():
+    from lightning_moe.metrics import SlotCounts
+
+    m = SlotCounts()
+    skipped_TK = torch.tensor([[True, False], [False, False], [True, True]])
+    dropped_TK = torch.tensor([[False, True], [False, False], [False, False]])
+    m.update(skipped_TK, dropped_TK, token_mask_T=torch.tensor([True, True, False]))  # token 2 is padding
+    out = m.compute()
+    assert out["skipped_share"].item() == 0.25 and out["dropped_share"].item() == 0.25

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_moe.adapters import RoutingEvent
 from lightning_moe.callbacks.monitor import RoutingMonitor, Stage
 from lightning_moe.callbacks.plots import heatmap, new_figure
-from lightning_moe.metrics.load import ExpertLoad, load_percentiles
+from lightning_moe.metrics.load import ExpertLoad, SlotCounts, load_percentiles
 
 
 class LoadBalanceMonitor(RoutingMonitor):
@@ -48,11 +48,19 @@ class LoadBalanceMonitor(RoutingMonitor):
     def _build(self, pl_module: pl.LightningModule) -> None:
         for layer, tap in self.taps.items():
             self.add_metric(layer, "load", partial(ExpertLoad, tap.num_experts))
+            self.add_metric(layer, "slots", SlotCounts)
 
     def _observe(self, stage: Stage, event: RoutingEvent, batch: Any, logging_now: bool) -> None:
         keep_TK = event.kept_TK(self.batch_mask_T(event, batch))
         experts_N = event.experts_TK.reshape(-1) if keep_TK is None else event.experts_TK[keep_TK]
         self.update_metric(stage, event.layer, "load", experts_N)
+        if event.skipped_TK is not None or event.dropped_TK is not None:
+            # Counted beside the load, not as expert 0 or as the full expert: no expert computed these slots.
+            token_mask_T = event.mask_T
+            batch_mask_T = self.batch_mask_T(event, batch)
+            if batch_mask_T is not None:
+                token_mask_T = batch_mask_T if token_mask_T is None else token_mask_T & batch_mask_T
+            self.update_metric(stage, event.layer, "slots", event.skipped_TK, event.dropped_TK, token_mask_T)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -69,6 +77,8 @@ class LoadBalanceMonitor(RoutingMonitor):
                 stats["maxvio_global"] = stats.pop("maxvio")
                 del stats["maxvio_batch"]  # validation batches are not training batches
             out.update({f"load/{layer}/{k}": v for k, v in stats.items()})
+        for layer in self._has_data(stage, "slots"):
+            out.update({f"load/{layer}/{k}": v for k, v in self.metric(stage, layer, "slots").compute().items()})
         if layers:
             maxvio_key = "maxvio" if stage == "train" else "maxvio_global"
             maxvio_L = torch.stack([out[f"load/{layer}/{maxvio_key}"] for layer in layers])

@@ -7,7 +7,7 @@ from lightning_moe.metrics.consistency import RoutingOverlap, order_by_weight, r
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, correlation_log10_p, coupling_stats
 from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
 from lightning_moe.metrics.diagnostics import CoActivation, MarginHistogram, decision_margins_T
-from lightning_moe.metrics.load import ExpertLoad, load_percentiles, load_stats
+from lightning_moe.metrics.load import ExpertLoad, SlotCounts, load_percentiles, load_stats
 from lightning_moe.metrics.specialization import (
     LabelSpecialization,
     TokenSpecialization,
@@ -27,6 +27,7 @@ __all__ = [
     "MarginHistogram",
     "RoutingOverlap",
     "ScoreActivationCoupling",
+    "SlotCounts",
     "TokenSpecialization",
     "TransitionRouting",
     "conditional_entropy_C",

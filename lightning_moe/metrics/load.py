@@ -97,3 +97,32 @@ class ExpertLoad(Metric):
         stats["maxvio_batch"] = self.maxvio_batch_sum / self.batches
         stats["counts_E"] = self.counts_E.clone()  # synchronised here (states are local again after compute)
         return stats
+
+
+class SlotCounts(Metric):
+    """Shares of a layer's (token, slot) choices that no expert computed: ``skipped_share`` (sent to a skip /
+    zero-computation expert) and ``dropped_share`` (dropped by a capacity router), of every slot of the counted
+    tokens. Sum-reduced, so exact under DDP."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("skipped", "dropped", "slots"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, skipped_TK: Tensor | None, dropped_TK: Tensor | None, token_mask_T: Tensor | None = None) -> None:
+        """Args: the event's ``skipped_TK`` and ``dropped_TK`` (None = none) and which tokens count."""
+        shape = (skipped_TK if skipped_TK is not None else dropped_TK).shape
+        keep_TK = torch.ones(shape, dtype=torch.bool, device=self.slots.device)
+        if token_mask_T is not None:
+            keep_TK = keep_TK & token_mask_T.reshape(-1, 1).to(keep_TK.device)
+        self.slots += keep_TK.sum()
+        if skipped_TK is not None:
+            self.skipped += (skipped_TK.to(keep_TK.device) & keep_TK).sum()
+        if dropped_TK is not None:
+            self.dropped += (dropped_TK.to(keep_TK.device) & keep_TK).sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        slots = self.slots.clamp_min(1)
+        return {"skipped_share": self.skipped / slots, "dropped_share": self.dropped / slots}
