@@ -72,13 +72,18 @@ class ZayaModule(MixtralModule):
             layer.mlp.gate.balancing_biases.zero_()
 
 
-def test_skip_slots_reach_no_expert_count_and_specialization_runs(tmp_path):
+def zaya_first_step():
+    """A seeded ZAYA module, the routing events of its first batch, and which of that batch's tokens are real."""
     torch.manual_seed(0)
     module = ZayaModule()
     first = next(iter(batches(1)))
     with record_routing(module.model) as events, torch.no_grad():
         module.model(first["input_ids"], attention_mask=first["attention_mask"])
-    real_T = first["attention_mask"].reshape(-1).bool()
+    return module, events, first["attention_mask"].reshape(-1).bool()
+
+
+def test_skip_slots_reach_no_expert_count_and_specialization_runs(tmp_path):
+    module, events, real_T = zaya_first_step()
     want = [int((~e.skipped_TK.reshape(-1) & real_T).sum()) for e in events]  # counted slots, step 1
     assert sum(int(e.skipped_TK.sum()) for e in events) > 0
     load = LoadBalanceMonitor(every_n_steps=100, plots=False)
@@ -93,12 +98,7 @@ def test_skip_slots_reach_no_expert_count_and_specialization_runs(tmp_path):
 
 
 def test_skip_slots_are_counted_beside_the_load(tmp_path):
-    torch.manual_seed(0)
-    module = ZayaModule()
-    first = next(iter(batches(1)))
-    with record_routing(module.model) as events, torch.no_grad():
-        module.model(first["input_ids"], attention_mask=first["attention_mask"])
-    real_T = first["attention_mask"].reshape(-1).bool()
+    module, events, real_T = zaya_first_step()
     load = LoadBalanceMonitor(every_n_steps=1, plots=False)
     pl.Trainer(max_steps=1, callbacks=[load], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu").fit(module, batches(1))
