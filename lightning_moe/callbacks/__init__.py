@@ -10,7 +10,7 @@ from lightning_moe.callbacks.coupling import COUPLING_HEADLINE, CouplingMonitor,
 from lightning_moe.callbacks.diagnostics import CoActivationMonitor, MarginMonitor
 from lightning_moe.callbacks.geometry import RouterGeometryMonitor
 from lightning_moe.callbacks.load import LoadBalanceMonitor
-from lightning_moe.callbacks.monitor import RoutingMonitor
+from lightning_moe.callbacks.monitor import RoutingMonitor, check_artifact_name
 from lightning_moe.callbacks.plots import log_figure, matplotlib_available
 from lightning_moe.callbacks.results import ResultTable
 from lightning_moe.callbacks.router_state import RouterStateUpdate
@@ -36,6 +36,7 @@ __all__ = [
     "RoutingTraceWriter",
     "SpecializationMonitor",
     "TransitionMonitor",
+    "check_artifact_name",
     "coupling_metric_name",
     "log_figure",
     "matplotlib_available",

@@ -7,6 +7,7 @@ from lightning_moe.studies.transitions.modules import (
     TransitionPrecisionRegression,
     TransitionRoutingToy,
     TransitionSequenceRouting,
+    TrajectoryArtifact,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "TransitionRoutingToy",
     "TransitionSequenceRouting",
     "TransitionTaskDataModule",
+    "TrajectoryArtifact",
 ]

@@ -19,7 +19,6 @@ character and the accuracy on their own targets, at the single validation at the
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -29,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.gating import Router, TransitionRouter, label_frequency_error
 from lightning_moe import update_router_states
-from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
+from lightning_moe.callbacks import check_artifact_name
+from lightning_moe.gating import Router, TransitionRouter, label_frequency_error
+from lightning_moe.utils import check_non_negative, check_positive, check_positive_int, write_json_atomic
 
 RouteOn = Literal["current", "next"]
 LAST_N = 50  # the reference reports the mean of the last 50 training batches
@@ -344,7 +344,8 @@ class TransitionPrecisionRegression(_RoutedModule):
     Logged at the end (one validation at ``max_steps``): ``val/early_loss`` / ``val/final_loss`` (mean training
     loss over the first / last 100 steps, the reference's Table 2), the final Pi and ``val/pi_contrast`` =
     Pi_0 / Pi_2, and ``val/crossover_step``: the first step at or after the shift with Pi_0 < Pi_2. The per-step
-    Pi and losses go to ``precision_trajectory.json`` in the run folder (Table 3).
+    Pi and losses are :meth:`trajectory`, which the recipe's :class:`TrajectoryArtifact` writes to
+    ``precision_trajectory.json`` in the run folder (Table 3).
 
     Args:
         router: the gate (``TransitionRouter`` with ``gate_bias=True``; affinity = no precision).
@@ -417,7 +418,6 @@ class TransitionPrecisionRegression(_RoutedModule):
             return
         losses = torch.stack(self._losses)
         metrics = {"val/early_loss": losses[:100].mean().item(), "val/final_loss": losses[-100:].mean().item()}
-        trajectory: dict[str, list] = {"loss": losses.tolist()}
         if self._precision:
             pi_NE = torch.stack(self._precision)
             metrics.update({f"val/pi_{i}": v for i, v in enumerate(pi_NE[-1].tolist())})
@@ -426,11 +426,30 @@ class TransitionPrecisionRegression(_RoutedModule):
                 after_N = torch.arange(len(pi_NE)) >= self.shift_step
                 crossed_N = after_N & (pi_NE[:, 0] < pi_NE[:, 2])
                 metrics["val/crossover_step"] = float(crossed_N.float().argmax()) if crossed_N.any() else float("nan")
-            trajectory["precision"] = pi_NE.tolist()
         self.log_dict(metrics)
-        trainer = self._trainer
-        if trainer is not None and trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / "precision_trajectory.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(trajectory))
 
+    def trajectory(self) -> dict[str, list]:
+        """The training loss of every step and, with precision, Pi after each step's update (Table 3); written
+        into the run folder by :class:`~lightning_moe.studies.transitions.TrajectoryArtifact`."""
+        out: dict[str, list] = {"loss": torch.stack(self._losses).tolist() if self._losses else []}
+        if self._precision:
+            out["precision"] = torch.stack(self._precision).tolist()
+        return out
+
+
+
+class TrajectoryArtifact(pl.Callback):
+    """Writes the module's ``trajectory()`` as JSON into the run folder at the end of fit (rank zero), for the
+    report's Table 3; the module itself never touches the file system.
+
+    Args:
+        artifact: file name inside ``default_root_dir``.
+    """
+
+    def __init__(self, artifact: str = "precision_trajectory.json") -> None:
+        check_artifact_name(artifact)
+        self.artifact = artifact
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.interrupted:
+            write_json_atomic(Path(trainer.default_root_dir) / self.artifact, pl_module.trajectory())
