@@ -41,7 +41,9 @@ def test_every_condition_gives_the_model_the_data_vocabulary(name):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("task_routing")
-    main(["study", "run", str(ROOT), "--smoke", "--workers", "2", "--no-progress", "--out", str(out / "core")])
+    # The companions (grid/, capacity/) are run on their own here, capacity on three conditions, to keep it short.
+    main(["study", "run", str(ROOT), "--smoke", "--workers", "2", "--no-progress", "--no-companions", "--out",
+          str(out / "core")])
     main(["study", "run", str(ROOT / "capacity"), "--smoke", "--workers", "2", "--no-progress", "--out",
           str(out / "capacity"), "--conditions", "K5_w8_N25", "K5_w32_N25", "K10_w8_N100"])
     return out

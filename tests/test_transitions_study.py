@@ -23,16 +23,16 @@ def test_study_plans_its_runs(name):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """One command runs the toy study and its companions (lm, beta, precision); name -> output folder."""
     out = tmp_path_factory.mktemp("transitions")
-    for name, (folder, _) in STUDIES.items():
-        main(["study", "run", str(folder), "--smoke", "--workers", "2", "--no-progress", "--out", str(out / name)])
-    return out
+    main(["study", "run", str(ROOT), "--smoke", "--workers", "2", "--no-progress", "--out", str(out)])
+    return {name: out if folder == ROOT else out / load_study(folder).name for name, (folder, _) in STUDIES.items()}
 
 
 @pytest.mark.parametrize("name", STUDIES)
 def test_smoke_runs_every_condition_and_logs_every_study_metric(name, smoke):
     study = load_study(STUDIES[name][0])
-    rows = read_rows(smoke / name / "smoke" / "runs.jsonl")
+    rows = read_rows(smoke[name] / "smoke" / "runs.jsonl")
     assert len(rows) == len(study.conditions)
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     # Some metrics exist only for some conditions (Pi only with precision, beta only with memory).
@@ -40,15 +40,15 @@ def test_smoke_runs_every_condition_and_logs_every_study_metric(name, smoke):
 
 
 def test_toy_report_has_paired_gains_plots_and_wall_time(smoke):
-    report = (smoke / "toy" / "smoke" / "REPORT.md").read_text()
+    report = (smoke["toy"] / "smoke" / "REPORT.md").read_text()
     assert "beta x Ant interaction" in report and "random switch position" in report
     assert "## Wall time" in report and "transitions_p_correct.png" in report
-    assert (smoke / "toy" / "smoke" / "plots" / "transitions_p_correct.png").is_file()
+    assert (smoke["toy"] / "smoke" / "plots" / "transitions_p_correct.png").is_file()
 
 
 def test_toy_wall_time_compares_the_reference_protocols_runs_and_the_whole_study(smoke):
-    report = (smoke / "toy" / "smoke" / "REPORT.md").read_text()
-    rows = read_rows(smoke / "toy" / "smoke" / "runs.jsonl")
+    report = (smoke["toy"] / "smoke" / "REPORT.md").read_text()
+    rows = read_rows(smoke["toy"] / "smoke" / "runs.jsonl")
     ours = sum(r["fit_s"] for r in rows if not r["condition"].startswith("random."))
     theirs = 30.0 + 33.6 + 7 * 1653.0 / 45  # baseline and beta+Ant timed alone; the rest the ablation's mean
     assert (f"sum of our fit times {ours / 60:.1f} min vs {theirs / 60:.1f} min for the reference's runs "
@@ -58,11 +58,11 @@ def test_toy_wall_time_compares_the_reference_protocols_runs_and_the_whole_study
 
 
 def test_lm_report_plots_gate_and_bpc_around_the_transition(smoke):
-    plots = smoke / "lm" / "smoke" / "plots"
+    plots = smoke["lm"] / "smoke" / "plots"
     assert (plots / "transitions_lm_p_correct.png").is_file() and (plots / "transitions_lm_bpc.png").is_file()
 
 
 def test_precision_report_has_the_pi_trajectory_table_and_plot(smoke):
-    report = (smoke / "precision" / "smoke" / "REPORT.md").read_text()
+    report = (smoke["precision"] / "smoke" / "REPORT.md").read_text()
     assert "## Pi around the reliability shift (Table 3)" in report
-    assert (smoke / "precision" / "smoke" / "plots" / "transitions_precision_trajectory.png").is_file()
+    assert (smoke["precision"] / "smoke" / "plots" / "transitions_precision_trajectory.png").is_file()

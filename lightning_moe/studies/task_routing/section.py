@@ -67,15 +67,7 @@ def render(ctx: ReportContext) -> list[str]:
         drawn += 1
     if not drawn:
         lines += ["(no finished run left a routing matrix)", ""]
-    return lines + _companions(ctx)
-
-
-def _companions(ctx: ReportContext) -> list[str]:
-    """Links to the reports of studies in sub-folders (grid/, capacity/), which the runner runs separately."""
-    subs = sorted(p.parent.name for p in ctx.study.dir.glob("*/study.yaml"))
-    if ctx.smoke or not subs:
-        return []
-    return ["## Companion studies", ""] + [f"* [{name}/REPORT.md]({name}/REPORT.md)" for name in subs] + [""]
+    return lines
 
 
 def _capacity_rows(ctx: ReportContext) -> list[dict[str, Any]]:
