@@ -86,8 +86,7 @@ class MoECLI(LightningCLI):
         # LightningCLI then replaces the model's arguments by the checkpoint's hyper-parameters when --ckpt_path is
         # given: keep what the command asked for, to refuse what it would silently drop.
         self._requested = _model_args(self.config)
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        ckpt_path = config.get("ckpt_path")
+        ckpt_path = _run_config(self.config).get("ckpt_path")
         if ckpt_path and ckpt_path not in CKPT_ALIASES:
             try:  # before LightningCLI reads it: torch.load checks no CRC, so changed bytes would load silently
                 check_checkpoint_file(ckpt_path)
@@ -95,7 +94,7 @@ class MoECLI(LightningCLI):
                 raise SystemExit(f"error: {err}") from None
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].torch_threads if self.subcommand else self.config.torch_threads
+        threads = _run_config(self.config).torch_threads
         if threads < 0:
             raise ValueError(f"--torch_threads must be >= 0, got {threads}.")
         if threads:
@@ -105,9 +104,8 @@ class MoECLI(LightningCLI):
                    if _canonical(resumed.get(k)) != _canonical(v)}
         if changed:
             key, (saved, asked) = next(iter(changed.items()))
-            ckpt_path = self.config[self.subcommand].get("ckpt_path")
             raise SystemExit(
-                f"error: --ckpt_path {ckpt_path} resumes a run whose model had {key}={saved!r}, but this command sets "
+                f"error: --ckpt_path {_run_config(self.config).get('ckpt_path')} resumes a run whose model had {key}={saved!r}, but this command sets "
                 f"{key}={asked!r} ({len(changed)} value(s) differ: {', '.join(changed)}). A resume continues the "
                 "saved run exactly (its hyper-parameters, weights, optimizer and scheduler state), so the change "
                 "would not apply. Drop the override to resume, or start a new run that loads only the weights."
@@ -131,10 +129,14 @@ def _canonical(value: Any) -> Any:
     return [_canonical(v) for v in value] if isinstance(value, list) else value
 
 
+def _run_config(config):
+    """The parsed config of the subcommand being run (``fit``, ...), or the whole config without subcommands."""
+    return config[config.subcommand] if config.get("subcommand") else config
+
+
 def _model_args(config) -> dict[str, Any]:
     """The model's ``init_args`` (and ``dict_kwargs``) of the parsed config, as plain data."""
-    config = config[config.subcommand] if config.get("subcommand") else config
-    model = config.get("model")
+    model = _run_config(config).get("model")
     if model is None or not hasattr(model, "get"):
         return {}
     args = {}

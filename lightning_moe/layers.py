@@ -155,25 +155,20 @@ class MoELayer(nn.Module):
         finite = torch.isfinite(scores_TE).all() & torch.isfinite(weights_TK).all()
         in_range = ((experts_TK.min() >= 0) & (experts_TK.max() < E) if experts_TK.numel()
                     else experts_TK.new_ones((), dtype=torch.bool))
+        not_finite = (f"{self.name}: non-finite router scores or weights from {router} (NaN/inf in the layer input or "
+                      "router weights); lower the learning rate, add gradient clipping, or check the data.")
+        out_of_range = f"{self.name}: router {router} returned expert ids outside [0, {E}){{}}; ids must index this " \
+                       f"layer's {E} experts."
         if not self._should_check_finite(scores_TE):
             # No sync: flags for raise_deferred_checks at the optimizer step (the messages name this layer).
-            self.deferred_checks.add(NonFiniteRoutingError, f"{self.name}: non-finite router scores or weights from "
-                                     f"{router} (NaN/inf in the layer input or router weights); lower the learning "
-                                     "rate, add gradient clipping, or check the data.", ~finite)
-            self.deferred_checks.add(ValueError, f"{self.name}: router {router} returned expert ids outside [0, {E}); "
-                                     f"ids must index this layer's {E} experts.", ~in_range)
+            self.deferred_checks.add(NonFiniteRoutingError, not_finite, ~finite)
+            self.deferred_checks.add(ValueError, out_of_range.format(""), ~in_range)
             return
         if bool(finite & in_range):
             return
         if not bool(in_range):
-            raise ValueError(
-                f"{self.name}: router {router} returned expert ids outside [0, {E}) (min {int(experts_TK.min())}, "
-                f"max {int(experts_TK.max())}); ids must index this layer's {E} experts."
-            )
-        raise NonFiniteRoutingError(
-            f"{self.name}: non-finite router scores or weights from {router} (NaN/inf in the layer input or router "
-            "weights); lower the learning rate, add gradient clipping, or check the data."
-        )
+            raise ValueError(out_of_range.format(f" (min {int(experts_TK.min())}, max {int(experts_TK.max())})"))
+        raise NonFiniteRoutingError(not_finite)
 
     def _should_check_finite(self, scores_TE: Tensor) -> bool:
         """Whether the routing checks read their result on the host now (else they are deferred or off)."""

@@ -488,6 +488,8 @@ def run_study(
         out: output folder (default ``runs/studies/<study name>``).
         progress: show a progress bar over runs.
     """
+    from tqdm.auto import tqdm  # installed with lightning
+
     if threads < 1:
         raise StudyError(f"--threads must be >= 1, got {threads}.")
     if workers is not None and workers < 1:
@@ -509,51 +511,42 @@ def run_study(
           f"earlier, {len(pending)} to run on {workers} worker(s); output in {paths.root}", file=sys.stderr)
 
     with study_lock(paths):
-        return _run_pending(study, smoke, plans, pending, paths, workers, threads, base, summary, progress)
+        rejected = validate_plans(study, pending, paths, threads)
+        for p in pending:
+            if p.condition in rejected:
+                append_row(paths.rows, base | _row_head(p, study, paths) | {
+                    "status": "invalid", "error": rejected[p.condition], "metrics": {}, "config": None,
+                    "log": paths.rel(paths.log(f"{p.condition}.validate")), "finished": _now(),
+                })
+                summary.invalid.append(p.run_id)
+        todo = [p for p in pending if p.condition not in rejected]
 
-
-def _run_pending(
-    study: Study, smoke: bool, plans: list[RunPlan], pending: list[RunPlan], paths: StudyPaths, workers: int,
-    threads: int, base: dict[str, Any], summary: RunSummary, progress: bool,
-) -> RunSummary:
-    from tqdm.auto import tqdm  # installed with lightning
-
-    rejected = validate_plans(study, pending, paths, threads)
-    for p in pending:
-        if p.condition in rejected:
-            append_row(paths.rows, base | _row_head(p, study, paths) | {
-                "status": "invalid", "error": rejected[p.condition], "metrics": {}, "config": None,
-                "log": paths.rel(paths.log(f"{p.condition}.validate")), "finished": _now(),
-            })
-            summary.invalid.append(p.run_id)
-    todo = [p for p in pending if p.condition not in rejected]
-
-    ctx = _process_context()
-    bar = tqdm(total=len(plans), initial=len(plans) - len(todo), unit="run", desc=study.name, disable=not progress,
-               dynamic_ncols=True)
-    queue, running = list(todo), {}
-    try:
-        with _sigterm_as_interrupt():
-            while queue or running:
-                while queue and len(running) < workers:
-                    job = _start(ctx, queue.pop(0), paths, threads)
-                    running[job.process.sentinel] = job
-                # The main thread waits on the processes and alone appends rows: the rows file has one writer.
-                for sentinel in multiprocessing.connection.wait(list(running)):
-                    row = _finish(running.pop(sentinel), study, paths, base)
-                    append_row(paths.rows, row)
-                    summary.executed.append(row["run_id"])
-                    if row["status"] != "ok":
-                        summary.failed.append(row["run_id"])
-                        bar.write(f"run {row['run_id']} failed ({row['error']}); overrides {row['overrides']}; "
-                                  f"log: {paths.root / row['log']}")
-                    bar.set_postfix_str(f"last {row['run_id']} {row['status']} {row['wall_s']:.0f}s, "
-                                        f"failed {len(summary.failed)}")
-                    bar.update(1)
-    except KeyboardInterrupt:
-        _stop(list(running.values()))
-        bar.write(f"interrupted: {len(summary.executed)} run(s) recorded; run the same command again to continue.")
-        raise
-    finally:
-        bar.close()
+        ctx = _process_context()
+        bar = tqdm(total=len(plans), initial=len(plans) - len(todo), unit="run", desc=study.name, disable=not progress,
+                   dynamic_ncols=True)
+        queue, running = list(todo), {}
+        try:
+            with _sigterm_as_interrupt():
+                while queue or running:
+                    while queue and len(running) < workers:
+                        job = _start(ctx, queue.pop(0), paths, threads)
+                        running[job.process.sentinel] = job
+                    # The main thread waits on the processes and alone appends rows: the rows file has one writer.
+                    for sentinel in multiprocessing.connection.wait(list(running)):
+                        row = _finish(running.pop(sentinel), study, paths, base)
+                        append_row(paths.rows, row)
+                        summary.executed.append(row["run_id"])
+                        if row["status"] != "ok":
+                            summary.failed.append(row["run_id"])
+                            bar.write(f"run {row['run_id']} failed ({row['error']}); overrides {row['overrides']}; "
+                                      f"log: {paths.root / row['log']}")
+                        bar.set_postfix_str(f"last {row['run_id']} {row['status']} {row['wall_s']:.0f}s, "
+                                            f"failed {len(summary.failed)}")
+                        bar.update(1)
+        except KeyboardInterrupt:
+            _stop(list(running.values()))
+            bar.write(f"interrupted: {len(summary.executed)} run(s) recorded; run the same command again to continue.")
+            raise
+        finally:
+            bar.close()
     return summary
