@@ -148,3 +148,39 @@ def test_missing_matplotlib_skips_plots_with_one_warning(fitted, monkeypatch):
         "`pip install 'lightning-moe[plots]'` or pass plots=False."
     )
     assert [str(w.message) for w in record if "matplotlib" in str(w.message)] == [expected]
+
+
+class _StepRecorder(LoadBalanceMonitor):
+    """Records the optimizer step of every training batch the base class feeds to ``_observe``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(plots=False, **kwargs)
+        self.observed_steps: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _observe(self, stage, event, batch, logging_now) -> None:
+        if stage == "train":
+            self.observed_steps.append(self._step)
+
+
+def test_sample_every_feeds_one_step_in_n_and_every_logging_step(tmp_path):
+    recorder = _StepRecorder(every_n_steps=4, sample_every=3)
+    t = pl.Trainer(max_steps=12, log_every_n_steps=4, callbacks=[recorder], default_root_dir=tmp_path, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   limit_val_batches=0, accelerator="cpu")
+    t.fit(tiny_model(), datamodule=TinyLMData(batches=12))
+    assert sorted(set(recorder.observed_steps)) == [3, 4, 6, 8, 9, 12]  # multiples of 3, and the logging steps
+
+
+def test_diagnostics_sample_one_step_in_five_and_load_and_transitions_every_step():
+    assert LoadBalanceMonitor().sample_every == 1
+    assert SpecializationMonitor(num_labels=2).sample_every == 5
+    assert TransitionMonitor(num_labels=2).sample_every == 1  # switches are rare: every batch
+
+
+def test_sample_every_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="sample_every"):
+        LoadBalanceMonitor(sample_every=0)

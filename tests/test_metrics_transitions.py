@@ -94,3 +94,16 @@ def test_states_are_sum_reduced_and_merge_exactly():
     assert_merge_equals_whole(
         lambda: TransitionRouting(3, 4, window=3), lambda m, s: m.update(labels[s], mass[s].reshape(-1, 4)), 40
     )
+
+
+def test_precomputed_switch_windows_give_the_same_states_as_computing_them():
+    from lightning_moe.metrics.transitions import switch_windows
+
+    g = torch.Generator().manual_seed(0)
+    labels_BS = torch.randint(-1, 3, (4, 12), generator=g)
+    mass_TE = torch.rand(48, 5, generator=g).softmax(-1)
+    direct, shared = TransitionRouting(3, 5, window=3), TransitionRouting(3, 5, window=3)
+    direct.update(labels_BS, mass_TE)
+    shared.update(labels_BS, mass_TE, switch_windows(labels_BS, 3, 3))
+    assert torch.equal(direct.window_OCX, shared.window_OCX) and torch.equal(direct.label_CX, shared.label_CX)
+    assert direct.window_OCX[..., -2].sum() > 0  # the random labels do switch

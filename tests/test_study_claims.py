@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightning_moe.studies.claims import ClaimError, evaluate, parse_claim, seed_agreement
+from lightning_moe.studies.claims import ClaimError, evaluate, parse_claim, resolution, seed_agreement, size_vs_paper
 
 NUMBERS = {("aux", "maxvio"): 0.526, ("free", "maxvio"): 0.084, ("kmeans", "maxvio"): 0.037,
            ("seq", "maxvio"): 0.102, ("free", "ppl"): 15.01, ("kmeans", "ppl"): 15.40}
@@ -109,6 +109,61 @@ def test_seed_agreement_counts_decided_seeds():
     per_seed = {0: {"a": 1.0, "b": 2.0}, 1: {"a": 3.0, "b": 2.0}, 2: {"a": 1.0}}
     claim = parse_claim({"name": "a below b", "kind": "less", "left": ref("a", "m"), "right": ref("b", "m")}, "c")
     assert seed_agreement(claim, [0, 1, 2], lambda s: lambda c, m: per_seed[s].get(c)) == (1, 2)
+
+
+def _seeds(*pairs):
+    """One lookup per seed over conditions a and b of metric m."""
+    return [lambda c, m, a=a, b=b: {"a": a, "b": b}[c] for a, b in pairs]
+
+
+LESS = {"name": "a below b", "kind": "less", "left": ref("a", "m"), "right": ref("b", "m")}
+
+
+def test_a_difference_within_one_seed_std_is_not_resolved():
+    # b - a per seed: 0.1, -0.05, 0.1 -> mean 0.05, std 0.0866 > 0.05
+    why = resolution(parse_claim(LESS, "c"), _seeds((1.0, 1.1), (1.05, 1.0), (1.0, 1.1)))
+    assert why == "b m - a m = 0.05 is within one seed std (0.0866, 3 seeds) of its bound"
+
+
+def test_a_difference_beyond_the_seed_std_is_resolved_either_way():
+    assert resolution(parse_claim(LESS, "c"), _seeds((1.0, 1.5), (1.0, 1.6), (1.0, 1.4))) is None
+    assert resolution(parse_claim(LESS, "c"), _seeds((1.5, 1.0), (1.6, 1.0), (1.4, 1.0))) is None  # clearly fails
+
+
+def test_one_seed_has_no_spread_to_judge_by():
+    assert resolution(parse_claim(LESS, "c"), _seeds((1.0, 1.01))) is None
+
+
+def test_threshold_near_its_bound_is_not_resolved():
+    claim = parse_claim({"name": "t", "kind": "threshold", "value": ref("a", "m"), "min": 0.8}, "c")
+    assert resolution(claim, _seeds((0.79, 0), (0.85, 0), (0.75, 0))) is not None
+    assert resolution(claim, _seeds((0.95, 0), (0.96, 0), (0.94, 0))) is None
+
+
+def test_size_vs_paper_is_the_ratio_of_the_deciding_numbers_against_the_band():
+    claim = parse_claim({"name": "t", "kind": "threshold", "value": ref("a", "m"), "min": 0}, "c")
+    ours, paper = (lambda c, m: 0.17), (lambda c, m: 0.43)
+    assert size_vs_paper(claim, ours, paper) == (False, "0.40x (0.17 vs 0.43), band 0.5-2x")
+    wide = parse_claim({"name": "t", "kind": "threshold", "value": ref("a", "m"), "min": 0,
+                        "band": {"ratio": [0.3, 3]}}, "c")
+    assert size_vs_paper(wide, ours, paper)[0] is True
+
+
+def test_size_vs_paper_of_an_order_is_its_gap_and_a_difference_band_is_absolute():
+    claim = parse_claim(LESS | {"band": {"difference": 0.05}}, "c")
+    ours = lambda c, m: {"a": 0.29, "b": 0.40}[c]  # noqa: E731
+    paper = lambda c, m: {"a": 0.10, "b": 0.53}[c]  # noqa: E731
+    assert size_vs_paper(claim, ours, paper) == (False, "-0.32 (0.11 vs 0.43), band ±0.05")
+
+
+def test_a_band_that_is_neither_a_ratio_nor_a_difference_names_the_field():
+    with pytest.raises(ClaimError, match=r"claims\[0\]\.band must be \{ratio: \[lo, hi\]\}"):
+        parse_claim(LESS | {"band": {"ratio": [2, 1]}}, "claims[0]")
+
+
+def test_size_vs_paper_needs_the_papers_numbers():
+    claim = parse_claim(LESS, "c")
+    assert size_vs_paper(claim, lambda c, m: 1.0, lambda c, m: None) is None
 
 
 @pytest.mark.parametrize("raw,match", [

@@ -52,7 +52,7 @@ def test_report_tables_claims_and_problems(study_and_plans, tmp_path):
     assert report.startswith(f"# {study.name}\n") and "SMOKE" not in report
     assert "| top1 | 2 | 2.1 ± 0.14 | 2.5 |" in report and "| top2 | 1 | 1.9 | — |" in report
     assert ("| top-2 is better | **holds** | top2 val/loss = 1.9, top1 val/loss = 2.1; needed top2 val/loss < "
-            "top1 val/loss | 1/1 | n/a |") in report
+            "top1 val/loss | 1/1 | — | n/a |") in report
     assert "| top2__seed1 | failed | exit status 1: ValueError: boom | `model.init_args.top_k=2`" in report
     assert "the output folder `out`" in report and "Some CPU, 2 cores (2 usable)" in report
     assert "total wall time of the runs: 30 s" in report

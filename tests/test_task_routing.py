@@ -266,3 +266,16 @@ def test_the_data_module_takes_the_generator_and_saves_it_as_plain_data():
                                    "init_args": {**TemplateKVTasks(**SMALL).init_args}}
     rebuilt = TaskRoutingDataModule(**dm.hparams)  # what a checkpoint's datamodule hyper-parameters rebuild
     assert rebuilt.vocab_size == dm.vocab_size and rebuilt.tasks.train == dm.tasks.train
+
+
+def test_run_artifact_rejects_a_module_without_artifact(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_moe.studies.artifacts import RunArtifact
+
+    class Plain(pl.LightningModule):
+        pass
+
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.raises(TypeError, match="artifact"):
+        RunArtifact("routing.json").on_fit_end(trainer, Plain())

@@ -241,19 +241,19 @@ def test_transition_monitor_on_the_toy_measures_the_transition_step_and_writes_t
     assert curve["val"]["router"]["p_correct"][0] is None  # offset -8: no switch that early, strict-JSON null
 
 
-def test_the_trajectory_artifact_writes_the_modules_per_step_loss_and_pi(tmp_path):
+def test_the_module_writes_its_per_step_loss_and_pi_through_its_run_artifact(tmp_path):
     import json
 
     import lightning.pytorch as pl
 
-    from lightning_moe.studies.transitions import TrajectoryArtifact, TransitionTaskDataModule
+    from lightning_moe.studies.transitions import TransitionTaskDataModule
 
     torch.manual_seed(0)
     model = TransitionPrecisionRegression(TransitionRouter(**{**PLAIN, "precision": True}))
     data = TransitionTaskDataModule(task="regression", batch_size=16, val_batch_size=16, val_batches=1)
-    pl.Trainer(max_steps=3, val_check_interval=3, callbacks=[TrajectoryArtifact()], logger=False,
+    pl.Trainer(max_steps=3, val_check_interval=3, logger=False,
                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                num_sanity_val_steps=0, default_root_dir=tmp_path).fit(model, datamodule=data)
     written = json.loads((tmp_path / "precision_trajectory.json").read_text())
-    assert written == model.trajectory()
+    assert written == model.artifact()
     assert len(written["loss"]) == 3 and len(written["precision"]) == 3 and len(written["precision"][0]) == 4

@@ -76,10 +76,12 @@ class RoutingAlarms(RoutingMonitor):
         patience: consecutive checks a condition must hold before its alarm fires.
         min_grad_ratio: gradient norm / weight norm below which a router counts as getting no gradient.
         collapse_share: see ``collapse`` above, in (0, 1).
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "alarm"
+    default_sample_every = 5  # a diagnostic: one step in five estimates the window (RoutingMonitor)
 
     def __init__(self, patience: int = 3, min_grad_ratio: float = 1e-8, collapse_share: float = 0.5,
                  **monitor_kwargs: Any) -> None:

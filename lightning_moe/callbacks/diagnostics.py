@@ -28,10 +28,12 @@ class CoActivationMonitor(RoutingMonitor):
     Routers with a variable number of experts per token (expert choice) count their real slots only.
 
     Args:
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "coact"
+    default_sample_every = 5  # a diagnostic: one step in five estimates the window (RoutingMonitor)
 
     def __init__(self, **monitor_kwargs: Any) -> None:
         super().__init__(**monitor_kwargs)
@@ -87,10 +89,12 @@ class MarginMonitor(RoutingMonitor):
 
     Args:
         near_tie: margins below this are near-ties (default 0.01: a 1% relative score change flips the choice).
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "margin"
+    default_sample_every = 5  # a diagnostic: one step in five estimates the window (RoutingMonitor)
 
     def __init__(self, near_tie: float = 0.01, **monitor_kwargs: Any) -> None:
         MarginHistogram(near_tie)  # validates near_tie now, not at setup

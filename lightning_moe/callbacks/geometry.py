@@ -48,7 +48,8 @@ class RouterGeometryMonitor(RoutingMonitor):
         center: subtract the mean router row before cosines and effective rank (OLMo-core's centered variant).
         seed: seed of the token sampling; draw i uses ``seed + i`` (i is checkpointed), so runs and resumes
             reproduce.
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "geometry"

@@ -34,7 +34,8 @@ class LoadBalanceMonitor(RoutingMonitor):
     collapse, recovery and dead experts at a glance.
 
     Args:
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "load"

@@ -54,10 +54,17 @@ class RoutingMonitor(pl.Callback):
             Ignored when the batch has no such key.
         plots: write PNG figures (needs matplotlib) to ``<log_dir>/plots`` after each validation epoch and at the
             end of fit.
+        sample_every: feed the training window the batches of one optimizer step in this many (the logging step's
+            always), so its statistics are estimates from that share of the window's batches; validation sees
+            every batch. Default: the monitor's ``default_sample_every``: 1 for load balance (exact counts),
+            geometry and transitions (switches are rare); 5 for specialisation, co-activation, margins and
+            alarms, whose per-batch work would otherwise cost more than 5% of a small model's step
+            (``benchmarks/README.md``).
     """
 
     needs_inputs = False  # whether taps must hand over the layer input x_TD
     name = "routing"
+    default_sample_every = 1
 
     def __init__(
         self,
@@ -66,10 +73,14 @@ class RoutingMonitor(pl.Callback):
         adapters: Sequence[type[Tap]] | None = None,
         mask_key: str | None = "attention_mask",
         plots: bool = True,
+        sample_every: int | None = None,
     ) -> None:
         if every_n_steps is not None:
             check_positive_int("every_n_steps", every_n_steps)
+        sample_every = self.default_sample_every if sample_every is None else sample_every
+        check_positive_int("sample_every", sample_every)
         self.every_n_steps = every_n_steps
+        self.sample_every = sample_every
         self.layers = list(layers) if layers is not None else None
         self.adapters = list(adapters) if adapters is not None else None
         self.mask_key = mask_key
@@ -304,7 +315,10 @@ class RoutingMonitor(pl.Callback):
         every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         # every == 0 (Trainer(log_every_n_steps=0)): no training logs; the window keeps accumulating.
         logging_now = every > 0 and step != self.last_logged_step and step % every == 0
-        self._consume("train", batch, logging_now)
+        if logging_now or step % self.sample_every == 0:
+            self._consume("train", batch, logging_now)
+        else:
+            self._events.clear()
         if logging_now:
             self.last_logged_step = step
             self._log(trainer, "train")

@@ -37,10 +37,12 @@ class SpecializationMonitor(RoutingMonitor):
         token_key: batch key of the token ids for token-id specialisation; None = skip it.
         vocab_size: number of token ids; default the LightningModule's ``hparams.vocab_size``.
         label_names: names of the classes for the plot's axis; default their indices.
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "spec"
+    default_sample_every = 5  # a diagnostic: one step in five estimates the window (RoutingMonitor)
 
     def __init__(
         self,

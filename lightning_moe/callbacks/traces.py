@@ -106,6 +106,9 @@ class RoutingTraceWriter(RoutingMonitor):
         root = Path(trainer.log_dir or trainer.default_root_dir)
         self.dirpath = self.dirpath if self.dirpath is not None else root / "routing_traces"
         self._rank = trainer.global_rank
+        # pyarrow builds its type and Parquet machinery on first use (~0.2-1 s): pay it here, not mid-training at
+        # the first traced step.
+        self._encode([{"step": torch.zeros(1, dtype=torch.int64), "layer": [""], "experts": torch.zeros(1, 1)}])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # For the rows; the base class decides whether this step is traced (the step count the monitors log).
@@ -159,13 +162,18 @@ class RoutingTraceWriter(RoutingMonitor):
             self._write(rows, self.last_logged_step)
         return {}
 
-    def _write(self, chunks: list[dict[str, Any]], step: int) -> None:
+    @staticmethod
+    def _encode(chunks: list[dict[str, Any]]):
+        """The chunks as one table and its Parquet bytes."""
         pa = _pyarrow()
         names = list(chunks[0])
         table = pa.concat_tables([pa.table({n: _arrow(pa, c[n]) for n in names}) for c in chunks])
         sink = pa.BufferOutputStream()
         pa.parquet.write_table(table, sink)
-        data = sink.getvalue()
+        return table, sink.getvalue()
+
+    def _write(self, chunks: list[dict[str, Any]], step: int) -> None:
+        table, data = self._encode(chunks)
         if self.max_bytes is not None and self.bytes_written + data.size > self.max_bytes:
             self.stopped = True
             rank_zero_warn(

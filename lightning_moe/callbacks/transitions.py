@@ -17,7 +17,7 @@ from torch import Tensor
 from lightning_moe.adapters import RoutingEvent
 from lightning_moe.callbacks.monitor import RoutingMonitor, Stage, check_artifact_name
 from lightning_moe.callbacks.plots import heatmap, new_figure
-from lightning_moe.metrics.transitions import TransitionRouting, check_transition_args
+from lightning_moe.metrics.transitions import SwitchWindows, TransitionRouting, check_transition_args, switch_windows
 
 OFFSET_STATS = ("p_correct", "acc_correct", "k99", "coverage99")
 
@@ -45,10 +45,14 @@ class TransitionMonitor(RoutingMonitor):
         spans: named offset ranges ``{name: [first, last]}`` (inside −W..+W) whose ``p_correct`` and
             ``acc_correct`` are also logged pooled over their tokens, as ``<stat>@<name>`` (e.g.
             ``{mid: [2, 19]}`` for the middle of the incoming domain).
-        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots`` of :class:`RoutingMonitor`.
+        monitor_kwargs: ``every_n_steps``, ``layers``, ``adapters``, ``mask_key``, ``plots``, ``sample_every`` of
+            :class:`RoutingMonitor`.
     """
 
     name = "transition"
+    # Every batch, unlike the other diagnostics: domain switches are rare events, and the transition study's numbers
+    # are over every training batch of the window (the reference's "last 50 batches").
+    default_sample_every = 1
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class TransitionMonitor(RoutingMonitor):
         self.num_labels, self.label_key, self.window = num_labels, label_key, window
         self.correct_experts = list(correct_experts) if correct_experts is not None else None
         self.latest: dict[Stage, dict[str, dict[str, Tensor]]] = {}
+        self._windows: tuple[Tensor, SwitchWindows] | None = None  # (labels, their switches), see _observe
 
     def _state_key_kwargs(self) -> dict[str, Any]:
         return {"label_key": self.label_key, "window": self.window}
@@ -94,8 +99,11 @@ class TransitionMonitor(RoutingMonitor):
                 f"TransitionMonitor: batch[{self.label_key!r}] must be [batch, seq] to locate switches within "
                 f"sequences, got shape {tuple(labels.shape)}."
             )
+        if self._windows is None or self._windows[0] is not labels:
+            # Unmasked, every layer of a batch gets the batch's own label tensor: locate its switches once.
+            self._windows = (labels, switch_windows(labels, self.num_labels, self.window))
         mass_TE = event.routing_mass_TE(self.tap_of(event).num_experts)
-        self.update_metric(stage, event.layer, "transition", labels, mass_TE)
+        self.update_metric(stage, event.layer, "transition", labels, mass_TE, self._windows[1])
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,6 +67,41 @@ def check_transition_args(
         )
 
 
+class SwitchWindows(NamedTuple):
+    """The label-only part of a :class:`TransitionRouting` update, shared by every layer fed the same labels."""
+
+    labels_T: Tensor  # flattened labels (negative = ignored)
+    count_C: Tensor  # tokens per label
+    b_N: Tensor  # sequence of each switch
+    pos_NO: Tensor  # position of each (switch, offset), clamped into the sequence
+    rows_NO: Tensor  # state row o*C + incoming label of each counted (switch, offset); -1 = not counted
+
+
+def switch_windows(labels_BS: Tensor, num_labels: int, window: int) -> SwitchWindows:
+    """Locate the switches of ``labels_BS`` ``[B, S]`` and the offsets -W..+W around each that count (module
+    docstring)."""
+    labels_BS = labels_BS.long()
+    check_ids("label", labels_BS, num_labels, "raise num_labels or remap the labels")
+    S, C, W = labels_BS.shape[1], num_labels, window
+    labels_T = labels_BS.reshape(-1)
+    count_C = count_ids(labels_T.masked_fill((labels_T < 0) | (labels_T >= C), C), C + 1)[:C]
+    prev_BS1, next_BS1 = labels_BS[:, :-1], labels_BS[:, 1:]
+    b_N, s_N = ((next_BS1 != prev_BS1) & (next_BS1 >= 0) & (prev_BS1 >= 0)).nonzero(as_tuple=True)
+    s_N = s_N + 1  # first position of the incoming domain
+    offsets_O = torch.arange(-W, W + 1, device=labels_BS.device)
+    pos_NO = s_N[:, None] + offsets_O
+    inside_NO = (pos_NO >= 0) & (pos_NO < S)
+    pos_NO = pos_NO.clamp(0, S - 1)
+    # Offset o counts while every label from the switch out to s+o is the outgoing (o < 0) or the incoming
+    # (o >= 0) domain: in range, same label, and (cumulative product) no other switch in between.
+    new_N = labels_BS[b_N, s_N]
+    expect_NO = torch.where(offsets_O < 0, labels_BS[b_N, s_N - 1][:, None], new_N[:, None])
+    same_NO = (labels_BS[b_N[:, None], pos_NO] == expect_NO) & inside_NO
+    ok_NO = torch.cat([same_NO[:, :W].flip(1).cumprod(1).flip(1), same_NO[:, W:].cumprod(1)], dim=1).bool()
+    rows_NO = ((offsets_O + W) * C + new_N[:, None]).masked_fill(~ok_NO, -1)
+    return SwitchWindows(labels_T, count_C, b_N, pos_NO, rows_NO)
+
+
 class TransitionRouting(Metric):
     """Routing mass on the correct expert at offsets −W..+W around labelled domain switches, for one layer.
 
@@ -110,45 +146,29 @@ class TransitionRouting(Metric):
         self.add_state("label_CX", default=torch.zeros(C, E + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("window_OCX", default=torch.zeros(O, C, 2 * E + 2, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, labels_BS: Tensor, mass_TE: Tensor) -> None:
-        """Args: per-token domain labels ``[B, S]`` and each token's routing distribution ``[B*S, E]``."""
+    def update(self, labels_BS: Tensor, mass_TE: Tensor, windows: SwitchWindows | None = None) -> None:
+        """Args: per-token domain labels ``[B, S]``, each token's routing distribution ``[B*S, E]``, and
+        optionally ``switch_windows(labels_BS, num_labels, window)`` when the caller feeds several layers the same
+        labels (it depends on the labels only)."""
         if labels_BS.dim() != 2 or mass_TE.shape != (labels_BS.numel(), self.num_experts):
             raise ValueError(
                 f"labels must be [batch, seq] and routing mass [batch*seq, num_experts={self.num_experts}], got "
                 f"{tuple(labels_BS.shape)} and {tuple(mass_TE.shape)}."
             )
-        labels_BS = labels_BS.long()
-        check_ids("label", labels_BS, self.num_labels, "raise num_labels or remap the labels")
+        if windows is None:
+            windows = switch_windows(labels_BS, self.num_labels, self.window)
         B, S = labels_BS.shape
         C, E, W = self.num_labels, self.num_experts, self.window
         mass_TE = mass_TE.detach().float()
-        labels_T = labels_BS.reshape(-1)
-        self.label_CX[:, :E] += row_sums_RE(labels_T, mass_TE, C)
-        self.label_CX[:, E] += count_ids(labels_T.masked_fill((labels_T < 0) | (labels_T >= C), C), C + 1)[:C]
-
-        prev_BS1, next_BS1 = labels_BS[:, :-1], labels_BS[:, 1:]
-        b_N, s_N = ((next_BS1 != prev_BS1) & (next_BS1 >= 0) & (prev_BS1 >= 0)).nonzero(as_tuple=True)
-        if b_N.numel() == 0:
+        self.label_CX[:, :E] += row_sums_RE(windows.labels_T, mass_TE, C)
+        self.label_CX[:, E] += windows.count_C
+        if windows.b_N.numel() == 0:
             return
-        s_N = s_N + 1  # first position of the incoming domain
-        offsets_O = torch.arange(-W, W + 1, device=labels_BS.device)
-        pos_NO = s_N[:, None] + offsets_O
-        inside_NO = (pos_NO >= 0) & (pos_NO < S)
-        pos_NO = pos_NO.clamp(0, S - 1)
-        # Offset o counts while every label from the switch out to s+o is the outgoing (o < 0) or the incoming
-        # (o >= 0) domain: in range, same label, and (cumulative product) no other switch in between.
-        new_N = labels_BS[b_N, s_N]
-        expect_NO = torch.where(offsets_O < 0, labels_BS[b_N, s_N - 1][:, None], new_N[:, None])
-        same_NO = (labels_BS[b_N[:, None], pos_NO] == expect_NO) & inside_NO
-        ok_NO = torch.cat([same_NO[:, :W].flip(1).cumprod(1).flip(1), same_NO[:, W:].cumprod(1)], dim=1).bool()
-
-        m_NOE = mass_TE.reshape(B, S, E)[b_N[:, None], pos_NO]
+        m_NOE = mass_TE.reshape(B, S, E)[windows.b_N[:, None], windows.pos_NO]
         top1_NOE = torch.zeros_like(m_NOE).scatter_(2, m_NOE.argmax(-1, keepdim=True), 1.0)
         coverage_NO1 = mass_coverage_T(m_NOE).unsqueeze(-1).float()
         values_NOX = torch.cat([m_NOE, top1_NOE, torch.ones_like(coverage_NO1), coverage_NO1], dim=2)
-        # Row id o*C + incoming label for each kept (switch, offset); -1 drops the rest.
-        rows_NO = ((offsets_O + W) * C + new_N[:, None]).masked_fill(~ok_NO, -1)
-        self.window_OCX += row_sums_RE(rows_NO, values_NOX, (2 * W + 1) * C).view(self.window_OCX.shape)
+        self.window_OCX += row_sums_RE(windows.rows_NO, values_NOX, (2 * W + 1) * C).view(self.window_OCX.shape)
 
     def correct_experts_C(self) -> Tensor:
         """The correct expert of each label (−1 for labels never seen), see the module docstring."""

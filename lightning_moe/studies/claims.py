@@ -17,6 +17,18 @@ order       values (>= 2), strict        values[0] < values[1] < ...  (``<=`` wi
 
 Evaluation never tunes anything: it returns ``holds`` or ``fails`` with the numbers that decided it, or ``n/a``
 when a number is missing (a metric that was not logged, a condition without finished runs, no paper number).
+
+Each kind decides on one or more *checks*: a number and the interval it must fall in (``less``: right - left > 0;
+``order``: each step up > 0; ``ratio``: the ratio; ``threshold``: the value; ``within``: the relative difference).
+Two more questions are asked of every check, and the report shows both beside the verdict:
+
+* **Resolved?** (:func:`resolution`) The seeds' spread of the check's number (each seed's own numbers, paired by
+  seed): a mean that lies closer to its bound than one seed std is *not resolved at our scale*, whichever side
+  of the bound it falls on; a tie is not a result either way.
+* **How big, beside the paper?** (:func:`size_vs_paper`) The check's number on our means over the same number on
+  the paper's, against the claim's ``band``: ``{ratio: [lo, hi]}`` (default ``[0.5, 2]``: the same size within a
+  factor of two) or ``{difference: tol}`` (``|ours - paper| <= tol``, for numbers near zero such as a gap in
+  accuracy points), or ``none`` where the size means nothing across scales (a p-value).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ClaimKind = Literal["less", "greater", "ratio", "threshold", "within", "order"]
-Status = Literal["holds", "fails", "n/a"]
+Status = Literal["holds", "fails", "not resolved", "n/a"]
 # (condition, metric) -> number, or None where there is none.
 Lookup = Callable[[str, str], "float | None"]
 
@@ -37,7 +49,8 @@ _REF_FIELDS: dict[str, tuple[str, ...]] = {
     "threshold": ("value",), "within": ("left", "right"), "order": ("values",),
 }
 _NEEDS: dict[str, tuple[str, ...]] = {"ratio": ("min", "max"), "threshold": ("min", "max"), "within": ("tol",)}
-_CLAIM_KEYS = {"name", "kind", "left", "right", "value", "values", "min", "max", "tol", "strict", "note"}
+_CLAIM_KEYS = {"name", "kind", "left", "right", "value", "values", "min", "max", "tol", "strict", "note", "band"}
+DEFAULT_BAND = ("ratio", (0.5, 2.0))  # the same size as the paper's within a factor of two
 
 
 class ClaimError(ValueError):
@@ -94,6 +107,7 @@ class Claim:
     tol: float | None = None
     strict: bool = True
     note: str = ""
+    band: tuple[str, Any] = DEFAULT_BAND  # ("ratio", (lo, hi)), ("difference", tol) or ("none", None)
 
     def conditions(self) -> set[str]:
         """The conditions this claim reads."""
@@ -190,7 +204,28 @@ def parse_claim(raw: Any, where: str) -> Claim:
         raise ClaimError(f"{where}.strict must be true or false, got {strict!r}.")
     return Claim(
         name.strip(), kind, refs, bounds["min"], bounds["max"], bounds["tol"], strict, str(raw.get("note", "")),
+        _parse_band(raw.get("band"), f"{where}.band"),
     )
+
+
+def _parse_band(raw: Any, where: str) -> tuple[str, Any]:
+    """``{ratio: [lo, hi]}`` or ``{difference: tol}``; None = :data:`DEFAULT_BAND`."""
+    if raw is None:
+        return DEFAULT_BAND
+    if raw == "none":  # a number whose size says nothing across scales (a p-value grows with the sample)
+        return "none", None
+    if isinstance(raw, Mapping) and set(raw) == {"ratio"}:
+        pair = raw["ratio"]
+        if isinstance(pair, list) and len(pair) == 2:
+            lo, hi = (_number(x, f"{where}.ratio") for x in pair)
+            if 0 < lo <= hi:
+                return "ratio", (lo, hi)
+    elif isinstance(raw, Mapping) and set(raw) == {"difference"}:
+        tol = _number(raw["difference"], f"{where}.difference")
+        if tol > 0:
+            return "difference", tol
+    raise ClaimError(f"{where} must be {{ratio: [lo, hi]}} with 0 < lo <= hi (ours / paper), {{difference: tol}} "
+                     f"with tol > 0 (|ours - paper|) or none (no size comparison), got {raw!r}.")
 
 
 def _bounds_text(lo: float | None, hi: float | None) -> str:
@@ -210,12 +245,9 @@ def evaluate(claim: Claim, lookup: Lookup) -> Verdict:
 
     NaN numbers (a diverged run) are compared as they are, so a claim on them fails with ``nan`` in the detail.
     """
-    values: list[float] = []
-    for ref in claim.refs:
-        v, why = ref.value(lookup)
-        if v is None:
-            return Verdict("n/a", why)
-        values.append(v)
+    values, why = _values(claim, lookup)
+    if values is None:
+        return Verdict("n/a", why)
     names = [r.name() for r in claim.refs]
     numbers = dict(zip(names, values))
     shown = ", ".join(f"{n} = {_fmt(v)}" for n, v in numbers.items())
@@ -263,3 +295,95 @@ def seed_agreement(claim: Claim, seeds: Sequence[int], lookup_seed: Callable[[in
     verdicts = [evaluate(claim, lookup_seed(s)).status for s in seeds]
     decided = [v for v in verdicts if v != "n/a"]
     return sum(v == "holds" for v in decided), len(decided)
+
+
+def _values(claim: Claim, lookup: Lookup) -> tuple[list[float] | None, str]:
+    """The claim's reference numbers, or ``(None, why)``."""
+    values = []
+    for ref in claim.refs:
+        v, why = ref.value(lookup)
+        if v is None:
+            return None, why
+        values.append(v)
+    return values, ""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One number a verdict turns on (see the module docstring) and the interval it must fall in."""
+
+    label: str
+    value: float
+    lo: float | None
+    hi: float | None
+
+    def margin(self) -> float:
+        """Distance from ``value`` to the nearest bound, whichever side it is on."""
+        return min(abs(self.value - b) for b in (self.lo, self.hi) if b is not None)
+
+
+def checks(claim: Claim, values: Sequence[float]) -> list[Check] | None:
+    """The claim's checks on ``values`` (its reference numbers); None where a ratio's denominator is 0."""
+    names = [r.name() for r in claim.refs]
+    kind = claim.kind
+    if kind in ("less", "greater"):
+        a, b = values if kind == "less" else values[::-1]
+        first, second = names if kind == "less" else names[::-1]
+        return [Check(f"{second} - {first}", b - a, 0.0, None)]
+    if kind == "ratio":
+        return None if values[1] == 0 else [Check("ratio", values[0] / values[1], claim.min, claim.max)]
+    if kind == "threshold":
+        return [Check(names[0], values[0], claim.min, claim.max)]
+    if kind == "within":
+        a, b = values
+        rel = abs(a - b) / abs(b) if b != 0 else (0.0 if a == 0 else math.inf)
+        return [Check("relative difference", rel, None, claim.tol)]
+    return [Check(f"{names[i + 1]} - {names[i]}", values[i + 1] - values[i], 0.0, None) for i in range(len(values) - 1)]
+
+
+def resolution(claim: Claim, seed_lookups: Sequence[Lookup]) -> str | None:
+    """Why the claim is *not resolved at our scale*, or None when every check is: a check is unresolved when the
+    mean of its per-seed numbers lies within one seed std of its bound (two or more seeds needed; with fewer
+    there is no spread to judge by, and the verdict stands)."""
+    per_seed = []
+    for lookup in seed_lookups:
+        values, _ = _values(claim, lookup)
+        if values is not None and (c := checks(claim, values)) is not None:
+            per_seed.append(c)
+    if len(per_seed) < 2:
+        return None
+    for i, check in enumerate(per_seed[0]):
+        xs = [seed[i].value for seed in per_seed]
+        mean = sum(xs) / len(xs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+        if math.isfinite(std) and Check(check.label, mean, check.lo, check.hi).margin() < std:
+            return (f"{check.label} = {_fmt(mean)} is within one seed std ({_fmt(std)}, {len(xs)} seeds) of its "
+                    "bound")
+    return None
+
+
+def size_vs_paper(claim: Claim, ours: Lookup, paper: Lookup) -> tuple[bool, str] | None:
+    """``(within the band, "0.45x of the paper's 0.43 ...")`` comparing each check's number on our means with the
+    paper's (the worst check decides), or None when the paper gives no numbers for the claim."""
+    our_values, _ = _values(claim, ours)
+    paper_values, _ = _values(claim, paper)
+    if claim.band[0] == "none" or our_values is None or paper_values is None:
+        return None
+    ours_c, paper_c = checks(claim, our_values), checks(claim, paper_values)
+    if ours_c is None or paper_c is None:
+        return None
+    kind, bound = claim.band
+    parts, ok = [], True
+    for o, p in zip(ours_c, paper_c):
+        if kind == "ratio":
+            if p.value == 0:
+                return None
+            r = o.value / p.value
+            ok &= bound[0] <= r <= bound[1]
+            parts.append(f"{r:.2f}x ({_fmt(o.value)} vs {_fmt(p.value)})")
+        else:
+            d = o.value - p.value
+            ok &= abs(d) <= bound
+            parts.append(f"{d:+.3g} ({_fmt(o.value)} vs {_fmt(p.value)})")
+    band = f"{_fmt(bound[0])}-{_fmt(bound[1])}x" if kind == "ratio" else f"±{_fmt(bound)}"
+    return ok, f"{'; '.join(parts)}, band {band}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_moe.studies.claims import Lookup, evaluate, seed_agreement
+from lightning_moe.studies.claims import Claim, Lookup, Verdict, evaluate, resolution, seed_agreement, size_vs_paper
 from lightning_moe.studies.runner import RECORDS_DIR, StudyPaths, read_rows
 from lightning_moe.studies.spec import PaperValue, RunPlan, Study, StudyError
 
@@ -288,34 +288,61 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def claim_verdicts(study: Study, results: Results) -> list[tuple[Any, Any, str, Any]]:
-    """``(claim, our verdict, "held in k/n seeds", the paper's verdict)`` for every claim of the study."""
+@dataclass(frozen=True)
+class ClaimRow:
+    """One claim's line of the claims table."""
+
+    claim: Claim
+    ours: Verdict  # on the means over seeds; "not resolved" when the seeds' spread cannot tell (claims.resolution)
+    seeds: str  # "k/n": the seeds in which it holds on that seed's own numbers
+    paper: Verdict  # the same claim on the paper's numbers
+    size: tuple[bool, str] | None  # claims.size_vs_paper: (within the band, text), None without paper numbers
+
+
+def claim_verdicts(study: Study, results: Results) -> list[ClaimRow]:
+    """Every claim of the study, checked on our numbers, per seed, for noise and beside the paper."""
     seeds = results.seeds()
     out = []
     for claim in study.claims:
         holds, decided = seed_agreement(claim, seeds, lambda s: _one_seed(results, s))
-        out.append((claim, evaluate(claim, _ours(results)), f"{holds}/{decided}", evaluate(claim, _paper(study))))
+        ours = evaluate(claim, _ours(results))
+        why = resolution(claim, [_one_seed(results, s) for s in seeds]) if ours.status != "n/a" else None
+        if why is not None:
+            ours = Verdict("not resolved", f"{ours.detail}; not resolved at our scale: {why}", ours.numbers)
+        out.append(ClaimRow(claim, ours, f"{holds}/{decided}", evaluate(claim, _paper(study)),
+                            size_vs_paper(claim, _ours(results), _paper(study))))
     return out
 
 
-def claims_line(verdicts: Sequence[tuple[Any, Any, str, Any]]) -> str:
-    """"n hold, m fail, k cannot be decided": the summary of a claims table."""
-    counts = {s: sum(v[1].status == s for v in verdicts) for s in ("holds", "fails", "n/a")}
-    return f"{counts['holds']} hold, {counts['fails']} fail, {counts['n/a']} cannot be decided (a number is missing)"
+def claims_line(rows: Sequence[ClaimRow]) -> str:
+    """"n claims: a hold, b fail, ... ; c of the d with a paper number are the paper's size": the table's summary."""
+    counts = {s: sum(r.ours.status == s for r in rows) for s in ("holds", "fails", "not resolved", "n/a")}
+    sized = [r.size[0] for r in rows if r.size is not None]
+    line = (f"{len(rows)} claims: {counts['holds']} hold, {counts['fails']} fail, {counts['not resolved']} not "
+            f"resolved at our scale (within the seeds' noise), {counts['n/a']} cannot be decided (a number is missing)")
+    if sized:
+        line += f"; {sum(sized)} of the {len(sized)} with a paper number are within its size band"
+    return line
 
 
 def _claims_section(study: Study, results: Results) -> list[str]:
     out = ["## Claims", ""]
     if not study.claims:
         return out + ["The study states no claims.", ""]
-    verdicts = claim_verdicts(study, results)
-    out += [f"{claims_line(verdicts)}. Verdicts use the means over seeds; `seeds` counts the seeds in which the claim "
-            "holds on that seed's own numbers; `paper` checks the same claim on the paper's numbers.", ""]
+    rows = claim_verdicts(study, results)
+    out += [f"{claims_line(rows)}. Verdicts use the means over seeds, and a claim whose deciding number lies within "
+            "one seed std of its bound is *not resolved* rather than held or failed; `seeds` counts the seeds in "
+            "which it holds on that seed's own numbers; `size vs paper` sets our deciding number beside the paper's "
+            "(ours / paper, band 0.5-2x unless the claim states one); `paper` checks the claim on the paper's "
+            "numbers.", ""]
     out += markdown_table(
-        ["claim", "verdict", "deciding numbers (ours)", "seeds", "paper"],
-        [(c.name + (f" ({c.note})" if c.note else ""), f"**{'FAILS' if o.status == 'fails' else o.status}**",
-          o.detail, s, p.status if p.status == "n/a" else f"{p.status}: {p.detail}")
-         for c, o, s, p in verdicts],
+        ["claim", "verdict", "deciding numbers (ours)", "seeds", "size vs paper", "paper"],
+        [(r.claim.name + (f" ({r.claim.note})" if r.claim.note else ""),
+          f"**{r.ours.status.upper() if r.ours.status in ('fails', 'not resolved') else r.ours.status}**",
+          r.ours.detail, r.seeds,
+          _DASH if r.size is None else f"{'within' if r.size[0] else '**outside**'}: {r.size[1]}",
+          r.paper.status if r.paper.status == "n/a" else f"{r.paper.status}: {r.paper.detail}")
+         for r in rows],
     )
     return out + [""]
 
@@ -359,7 +386,8 @@ def render(
         f"{len(results.problems)} failed or rejected, {len(results.missing)} not run yet.",
         f"Paper numbers: {study.reference or 'none (this is not a paper study)'}.",
         "Claims are checked as written in the study file; a claim that does not hold at our scale is reported as "
-        "failing, with its numbers. Nothing was tuned to make a claim pass.",
+        "failing, and one our seeds cannot tell apart as not resolved, with its numbers. Nothing was tuned to make "
+        "a claim pass.",
         "",
     ]
     out += _claims_section(study, results)

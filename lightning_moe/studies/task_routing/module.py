@@ -6,10 +6,10 @@ Legend: B batch (sentences), S sequence, T = B*S tokens, E experts, K tasks (``t
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,12 +19,11 @@ from lightning_moe import MoELayer, moe_layers
 from lightning_moe.data import IGNORE_INDEX
 from lightning_moe.metrics import LabelSpecialization, conditional_entropy_C, share_matrix_CE, specialization_stats
 from lightning_moe.modules import MoELanguageModel
+from lightning_moe.studies.artifacts import ROUTING_FILE, RunArtifact
 from lightning_moe.studies.task_routing.oracle import OracleRouter
 from lightning_moe.utils import check_non_negative, check_positive_int
 
 LN2 = math.log(2)
-
-ROUTING_FILE = "routing.json"
 
 
 def task_experts(task_ids: Tensor, num_experts: int) -> Tensor:
@@ -120,7 +119,8 @@ class TaskRoutingLM(MoELanguageModel):
     and the parent's load-balance numbers; on the training split ``val/train_exact_match`` and
     ``val/train_exact_match_min_task`` (the worst task's); and the routing numbers of :func:`routing_scalars`
     under ``val/route/`` (all task positions) and ``val/route_after_subject/`` (positions after the subject slot).
-    The task x expert tables and per-task accuracies are written to ``<default_root_dir>/routing.json``.
+    The task x expert tables and per-task accuracies are :meth:`artifact`, which the module's
+    :class:`~lightning_moe.studies.artifacts.RunArtifact` writes to ``routing.json`` in the run folder.
 
     Args:
         num_tasks: K, the number of tasks in the data (checked against the data module).
@@ -148,6 +148,7 @@ class TaskRoutingLM(MoELanguageModel):
         self.val_routing = LabelSpecialization(num_tasks, E)
         self.val_routing_after = LabelSpecialization(num_tasks, E)
         self.val_acc, self.train_acc = TaskAccuracy(num_tasks), TaskAccuracy(num_tasks)
+        self._artifact: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -214,15 +215,23 @@ class TaskRoutingLM(MoELanguageModel):
         logs.update({f"val/route/{k}": v for k, v in scalars.items()})
         logs.update({f"val/route_after_subject/{k}": after[k] for k in ("task_purity", "nmi", "dominant_frac")})
         self.log_dict({k: v.float() for k, v in logs.items()})
-        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self._write_artifact(test, train)
+        if not self.trainer.sanity_checking:
+            self._artifact = self._routing_tables(test, train)
         for m in (self.val_routing, self.val_routing_after, self.val_acc, self.train_acc):
             m.reset()
 
-    def _write_artifact(self, test: dict[str, Tensor], train: dict[str, Tensor] | None) -> None:
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [RunArtifact(ROUTING_FILE)]
+
+    def artifact(self) -> dict[str, Any] | None:
+        """The last validation's task x expert tables and per-task accuracies (None before the first), written
+        into the run folder by :class:`~lightning_moe.studies.artifacts.RunArtifact` for the report."""
+        return self._artifact
+
+    def _routing_tables(self, test: dict[str, Tensor], train: dict[str, Tensor] | None) -> dict[str, Any]:
         data = getattr(self.trainer, "datamodule", None)
         tasks = getattr(getattr(data, "tasks", None), "tasks", None)
-        artifact = {
+        return {
             "step": self.global_step,
             "num_tasks": self.hparams.num_tasks,
             "num_experts": self.hparams.num_experts,
@@ -235,6 +244,3 @@ class TaskRoutingLM(MoELanguageModel):
             "complexity_per_task": None if tasks is None else [t.complexity for t in tasks],
             "width_bound_per_task": None if tasks is None else [t.width_bound for t in tasks],
         }
-        path = Path(self.trainer.default_root_dir) / ROUTING_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(artifact))

@@ -1,5 +1,5 @@
 """Report sections of the task-routing studies (``recipes/task_routing``, its ``grid/`` and ``capacity/``), built from
-the ``routing.json`` each run writes (see :class:`lightning_moe.studies.task_routing.module.TaskRoutingLM`).
+the ``routing.json`` each run writes (:meth:`TaskRoutingLM.artifact`, written by its ``RunArtifact``).
 
 Legend: K tasks, E experts, W widths swept.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_moe.studies.task_routing.module import ROUTING_FILE
+from lightning_moe.studies.artifacts import ROUTING_FILE
 from lightning_moe.studies.report import ReportContext, figure
 
 EM_TARGET = 0.95  # w*(k): the smallest width whose train exact match of task k reaches this (the spec's threshold)

@@ -7,7 +7,6 @@ from lightning_moe.studies.transitions.modules import (
     TransitionPrecisionRegression,
     TransitionRoutingToy,
     TransitionSequenceRouting,
-    TrajectoryArtifact,
 )
 
 __all__ = [
@@ -16,5 +15,4 @@ __all__ = [
     "TransitionRoutingToy",
     "TransitionSequenceRouting",
     "TransitionTaskDataModule",
-    "TrajectoryArtifact",
 ]

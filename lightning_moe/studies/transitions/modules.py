@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_moe import update_router_states
-from lightning_moe.callbacks import check_artifact_name
 from lightning_moe.gating import Router, TransitionRouter, label_frequency_error
-from lightning_moe.utils import check_non_negative, check_positive, check_positive_int, write_json_atomic
+from lightning_moe.studies.artifacts import PRECISION_FILE, RunArtifact
+from lightning_moe.utils import check_non_negative, check_positive, check_positive_int
 
 RouteOn = Literal["current", "next"]
 LAST_N = 50  # the reference reports the mean of the last 50 training batches
@@ -344,8 +343,8 @@ class TransitionPrecisionRegression(_RoutedModule):
     Logged at the end (one validation at ``max_steps``): ``val/early_loss`` / ``val/final_loss`` (mean training
     loss over the first / last 100 steps, the reference's Table 2), the final Pi and ``val/pi_contrast`` =
     Pi_0 / Pi_2, and ``val/crossover_step``: the first step at or after the shift with Pi_0 < Pi_2. The per-step
-    Pi and losses are :meth:`trajectory`, which the recipe's :class:`TrajectoryArtifact` writes to
-    ``precision_trajectory.json`` in the run folder (Table 3).
+    Pi and losses are :meth:`artifact`, which the module's :class:`~lightning_moe.studies.artifacts.RunArtifact`
+    writes to ``precision_trajectory.json`` in the run folder (Table 3).
 
     Args:
         router: the gate (``TransitionRouter`` with ``gate_bias=True``; affinity = no precision).
@@ -428,28 +427,13 @@ class TransitionPrecisionRegression(_RoutedModule):
                 metrics["val/crossover_step"] = float(crossed_N.float().argmax()) if crossed_N.any() else float("nan")
         self.log_dict(metrics)
 
-    def trajectory(self) -> dict[str, list]:
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [RunArtifact(PRECISION_FILE)]
+
+    def artifact(self) -> dict[str, list]:
         """The training loss of every step and, with precision, Pi after each step's update (Table 3); written
-        into the run folder by :class:`~lightning_moe.studies.transitions.TrajectoryArtifact`."""
+        into the run folder by :class:`~lightning_moe.studies.artifacts.RunArtifact`."""
         out: dict[str, list] = {"loss": torch.stack(self._losses).tolist() if self._losses else []}
         if self._precision:
             out["precision"] = torch.stack(self._precision).tolist()
         return out
-
-
-
-class TrajectoryArtifact(pl.Callback):
-    """Writes the module's ``trajectory()`` as JSON into the run folder at the end of fit (rank zero), for the
-    report's Table 3; the module itself never touches the file system.
-
-    Args:
-        artifact: file name inside ``default_root_dir``.
-    """
-
-    def __init__(self, artifact: str = "precision_trajectory.json") -> None:
-        check_artifact_name(artifact)
-        self.artifact = artifact
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.interrupted:
-            write_json_atomic(Path(trainer.default_root_dir) / self.artifact, pl_module.trajectory())

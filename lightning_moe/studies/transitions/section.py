@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Sequence
 from datetime import datetime
 
+from lightning_moe.studies.artifacts import PRECISION_FILE
 from lightning_moe.studies.report import ReportContext, figure
 
 CURVE_FILE = "transition_curve.json"  # the TransitionMonitor's artifact in each run's folder
@@ -197,7 +198,7 @@ def time_section(ctx: ReportContext) -> list[str]:
 
 def _trajectory(ctx: ReportContext, condition: str) -> dict | None:
     runs = ctx.runs(condition)
-    return ctx.artifact(runs[0]["run_id"], "precision_trajectory.json") if runs else None
+    return ctx.artifact(runs[0]["run_id"], PRECISION_FILE) if runs else None
 
 
 def precision_section(ctx: ReportContext) -> list[str]:
