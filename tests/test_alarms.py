@@ -139,7 +139,7 @@ def test_an_expert_dying_during_training_is_a_collapse():
     KillsExpertSeven.calls = 0
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    alarms = RoutingAlarms(every_n_steps=2)
+    alarms = RoutingAlarms(every_n_steps=2, sample_every=1)  # every batch: the windows below count on it
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         pl.Trainer(max_steps=10, limit_val_batches=0, callbacks=[alarms], logger=False, enable_progress_bar=False,

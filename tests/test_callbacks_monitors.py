@@ -172,7 +172,7 @@ def test_sample_every_feeds_one_step_in_n_and_every_logging_step(tmp_path):
                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                    limit_val_batches=0, accelerator="cpu")
     t.fit(tiny_model(), datamodule=TinyLMData(batches=12))
-    assert sorted(set(recorder.observed_steps)) == [3, 4, 6, 8, 9, 12]  # multiples of 3, and the logging steps
+    assert sorted(set(recorder.observed_steps)) == [1, 4, 7, 8, 10, 12]  # 1 + multiples of 3, and logging steps
 
 
 def test_diagnostics_sample_one_step_in_five_and_load_and_transitions_every_step():

@@ -11,13 +11,13 @@ from lightning_moe.studies import load_study, plan_runs
 from lightning_moe.studies.runner import read_rows
 
 STUDY_DIR = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "geometric_coupling"
-ARMS = ["no_balancing", "aux_loss", "loss_free", "loss_free_seq", "kmeans"]
+ARMS = ["no_balancing", "aux_loss", "loss_free", "loss_free_seq", "kmeans", "random_router"]
 
 
-def test_study_plans_five_arms_times_three_seeds():
+def test_study_plans_six_arms_times_three_seeds():
     study = load_study(STUDY_DIR)
     assert [c.name for c in study.conditions] == ARMS
-    assert len(plan_runs(study)) == 15
+    assert len(plan_runs(study)) == 18
     assert study.sections == "lightning_moe.studies.geometric_coupling.section:render"
 
 
@@ -42,6 +42,7 @@ def test_arms_route_with_their_own_router(smoke):
     assert "SoftmaxTopK" in configs["aux_loss"] and "SigmoidTopK" in configs["loss_free"]
     assert "sequence_balance_weight: 0.0001" in configs["loss_free_seq"]
     assert "KMeansRouter" in configs["kmeans"]
+    assert "frozen: true" in configs["random_router"]
 
 
 def test_smoke_report_has_the_study_sections_and_plots(smoke):

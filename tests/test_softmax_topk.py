@@ -97,3 +97,18 @@ def test_router_cannot_be_shared_between_layers():
 def test_negative_weights_are_rejected_with_the_field_name(field):
     with pytest.raises(ValueError, match=field):
         SoftmaxTopK(**{field: -1.0})
+
+
+def test_a_frozen_gate_keeps_its_random_weights_while_the_experts_learn():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, num_experts=4, top_k=2, router=SoftmaxTopK(frozen=True))
+    gate = layer.router.layer.weight.detach().clone()
+    experts = [p.detach().clone() for p in layer.experts.parameters()]
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    out = layer(torch.randn(2, 5, 8))
+    (out.square().mean() + sum(layer.routing.aux_losses.values())).backward()
+    optimizer.step()
+    assert not layer.router.layer.weight.requires_grad and layer.router.layer.weight.grad is None
+    assert torch.equal(layer.router.layer.weight, gate)
+    assert all(not torch.equal(p, q) for p, q in zip(layer.experts.parameters(), experts))

@@ -54,8 +54,8 @@ class RoutingMonitor(pl.Callback):
             Ignored when the batch has no such key.
         plots: write PNG figures (needs matplotlib) to ``<log_dir>/plots`` after each validation epoch and at the
             end of fit.
-        sample_every: feed the training window the batches of one optimizer step in this many (the logging step's
-            always), so its statistics are estimates from that share of the window's batches; validation sees
+        sample_every: feed the training window the batches of one optimizer step in this many (steps 1, 1 + N,
+            ..., and the logging step's always), so its statistics are estimates from that share of the window's batches; validation sees
             every batch. Default: the monitor's ``default_sample_every``: 1 for load balance (exact counts),
             geometry and transitions (switches are rare); 5 for specialisation, co-activation, margins and
             alarms, whose per-batch work would otherwise cost more than 5% of a small model's step
@@ -315,7 +315,8 @@ class RoutingMonitor(pl.Callback):
         every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         # every == 0 (Trainer(log_every_n_steps=0)): no training logs; the window keeps accumulating.
         logging_now = every > 0 and step != self.last_logged_step and step % every == 0
-        if logging_now or step % self.sample_every == 0:
+        # Step 1 is always sampled, so a batch a monitor cannot read fails at once, not sample_every steps in.
+        if logging_now or (step - 1) % self.sample_every == 0:
             self._consume("train", batch, logging_now)
         else:
             self._events.clear()

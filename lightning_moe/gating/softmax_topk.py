@@ -28,6 +28,9 @@ class SoftmaxTopK(Router):
         load_balancing_weight: weight of the Switch load-balancing loss (1.0 at uniform routing, so the weighted
             loss equals this weight at balance); 0 = off.
         z_loss_weight: weight of the ST-MoE router z-loss; 0 = off.
+        frozen: keep the random initial gate fixed (its weight gets no gradient) while the experts learn: the
+            random-router floor of routing studies (what expert specialisation or router-expert coupling arises
+            without a learned router).
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class SoftmaxTopK(Router):
         jitter: float = 0.0,
         load_balancing_weight: float = 0.01,
         z_loss_weight: float = 0.001,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
         check_non_negative("jitter", jitter)
@@ -45,11 +49,13 @@ class SoftmaxTopK(Router):
         self.jitter = jitter
         self.load_balancing_weight = load_balancing_weight
         self.z_loss_weight = z_loss_weight
+        self.frozen = frozen
 
     def build(self) -> None:
         # Named ``layer`` like MegaBlocks' LearnedRouter so ``router.layer.weight [E, D]`` moves between backends.
         self.layer = nn.Linear(self.d_model, self.num_experts, bias=False)
         nn.init.normal_(self.layer.weight, std=self.d_model**-0.5)
+        self.layer.weight.requires_grad_(not self.frozen)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         if self.training and self.jitter > 0:
