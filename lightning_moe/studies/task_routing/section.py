@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from lightning_moe.studies.artifacts import ROUTING_FILE
-from lightning_moe.studies.report import ReportContext, figure
+from lightning_moe.studies.report import ReportContext, figure, markdown_table, mean_std, mean_std_text
 
 EM_TARGET = 0.95  # w*(k): the smallest width whose train exact match of task k reaches this (the spec's threshold)
 
@@ -31,6 +31,26 @@ def _heatmap(ax, R_KE: list[list[float]], title: str):
     return im
 
 
+def _exact_match_gap(ctx: ReportContext) -> list[str]:
+    """Training vs test exact match per condition: how much of the gap to the paper is generalisation."""
+    rows = []
+    for condition in ctx.results.conditions():
+        train, test = (mean_std(list(ctx.results.values(condition, m).values()))
+                       for m in ("val/train_exact_match", "val/exact_match"))
+        if train[0] is None or test[0] is None:
+            continue
+        steps = ctx.runs(condition)[0].get("global_step", "")
+        rows.append([condition, steps, mean_std_text(*train), mean_std_text(*test), f"{train[0] - test[0]:+.3f}"])
+    if not rows:
+        return []
+    return ["## Exact match: training sentences vs held-out ones", "",
+            "Greedy exact match on the training split beside the test split (answerable sentences: their (task, "
+            "subject) fact is in a training sentence, under another template). A large gap means the model has "
+            "stored the facts with the templates it saw them in, and the held-out number measures transfer of a "
+            "fact to a new template, not memorisation.", ""] + \
+        markdown_table(["condition", "steps", "train exact match", "test exact match", "train - test"], rows) + [""]
+
+
 def render(ctx: ReportContext) -> list[str]:
     """Per condition, the task x expert routing matrices (top-1 share and mean router probability) of its first
     finished seed as heatmaps; seeds are not averaged because without the task-routing loss the experts' order is
@@ -39,7 +59,7 @@ def render(ctx: ReportContext) -> list[str]:
               "probability of e over those positions (right, the paper's heatmap), first finished seed of each "
               "condition, at the end of training. Rows sum to 1; a one-task-one-expert router has a single bright "
               "cell per row.")
-    lines = ["## Routing matrices", "", legend, ""]
+    lines = _exact_match_gap(ctx) + ["## Routing matrices", "", legend, ""]
     drawn = 0
     for condition in ctx.results.conditions():
         runs = ctx.runs(condition)
