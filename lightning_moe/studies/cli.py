@@ -67,6 +67,11 @@ def _run_and_report(
         paths = export_records(study, paths)
     elif default and StudyPaths.of_records(study).rows.is_file():
         paths = StudyPaths.of_records(study)
+    kept = paths.report_dir / "REPORT.md"
+    if args.action == "report" and not paths.rows.is_file() and kept.is_file():
+        # Neither shipped records nor runs here: rebuilding would replace the committed report with an empty one.
+        print(f"{study.name}: no records and no runs in {paths.root}; {kept} is kept as it is", file=sys.stderr)
+        return kept, None, "kept as committed (no shipped records to rebuild it from)"
     report = write_report(study, plans, paths, args.smoke, companions)
     line = claims_line(claim_verdicts(study, Results.of(plans, read_rows(paths.rows)))) if study.claims else "no claims"
     print(f"report: {report}", file=sys.stderr)
