@@ -185,3 +185,19 @@ def test_study_metrics_keep_the_monitors_training_windows(tmp_path):
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["metrics"] == {"train/load/l0/cv": 0.5, "val/load/l0/cv": 0.25, "val/loss": 2.0}
     assert saved["global_step"] == 7
+
+
+def test_records_take_the_rows_artefacts_and_path_free_configs(finished):
+    import shutil
+
+    from lightning_moe.studies import load_study
+    from lightning_moe.studies.runner import StudyPaths, export_records
+
+    study = load_study(finished)
+    records = export_records(study, StudyPaths.of(study, finished / "out", smoke=True))
+    try:
+        assert records.rows.read_text() == (finished / "out" / "smoke" / "runs.jsonl").read_text()
+        config = (records.root / "configs" / "top1.yaml").read_text()
+        assert "<output folder>/runs/top1__seed" in config and str(finished) not in config
+    finally:
+        shutil.rmtree(records.root)

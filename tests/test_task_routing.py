@@ -279,3 +279,25 @@ def test_run_artifact_rejects_a_module_without_artifact(tmp_path):
     trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, accelerator="cpu")
     with pytest.raises(TypeError, match="artifact"):
         RunArtifact("routing.json").on_fit_end(trainer, Plain())
+
+
+def test_exact_match_ceiling_on_a_hand_made_ambiguity():
+    from lightning_moe.studies.task_routing.data import OBJECT, SUBJECT, Sentence, Task
+
+    # Two tasks share the template "w S O" (word 9, subject, object); subject 5 is in both dictionaries with
+    # different objects, subject 6 only in task 0. Task 1's second template "w S v O" names it.
+    g = TemplateKVTasks(num_tasks=2, pairs_per_task=2, num_subjects=4, seed=0)
+    shared, own = (9, SUBJECT, OBJECT), (9, SUBJECT, 8, OBJECT)
+    g.tasks = [Task((shared,), ((5, 20), (6, 21))), Task((shared, own), ((5, 30),))]
+
+    def sentence(k, i, subject, obj):
+        template = g.tasks[k].templates[i]
+        return Sentence(k, i, subject, obj, (), template.index(SUBJECT), template.index(OBJECT))
+
+    g.train = [sentence(0, 0, 5, 20), sentence(0, 0, 6, 21), sentence(1, 0, 5, 30), sentence(1, 1, 5, 30)]
+    g.test = [sentence(1, 1, 5, 30)]
+    # train: (5 under "w S O"): two options, 1/2 each; (6): determined; task 1's own template: determined.
+    assert g.exact_match_ceiling("train") == pytest.approx((0.5 + 1 + 0.5 + 1) / 4)
+    assert g.exact_match_ceiling("test") == 1.0
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        g.exact_match_ceiling("dev")

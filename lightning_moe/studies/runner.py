@@ -149,14 +149,19 @@ def hardware() -> dict[str, Any]:
 
 
 def export_records(study: Study, paths: StudyPaths) -> StudyPaths:
-    """Copy the rows file and each run's JSON artefacts from ``paths`` into the study's records, replacing the
-    previous records; return the records' paths."""
+    """Copy the rows file, the resolved config of each condition and each run's JSON artefacts from ``paths``
+    into the study's records, replacing the previous records; return the records' paths."""
     import shutil
 
     records = StudyPaths.of_records(study)
     shutil.rmtree(records.root, ignore_errors=True)
     records.root.mkdir(parents=True)
     shutil.copyfile(paths.rows, records.rows)
+    for config in sorted((paths.root / "configs").glob("*.yaml")):
+        # The run folders are this machine's absolute paths: records name them by their role instead.
+        (records.root / "configs").mkdir(exist_ok=True)
+        text = config.read_text().replace(str(paths.root.resolve()), "<output folder>")
+        (records.root / "configs" / config.name).write_text(text)
     for run in sorted((paths.root / "runs").glob("*")):
         for artefact in sorted(run.glob("*.json")):
             if artefact.name != RESULT_FILE:

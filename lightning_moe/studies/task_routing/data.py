@@ -20,6 +20,7 @@ slot; ``answerable`` says whether the sentence's fact (task, subject) appears in
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -190,6 +191,28 @@ class TemplateKVTasks:
         tokens = tuple(subject if w == SUBJECT else obj if w == OBJECT else w for w in template) + (EOS,)
         return Sentence(k, i, subject, obj, tokens, template.index(SUBJECT), template.index(OBJECT))
 
+
+    def exact_match_ceiling(self, split: str = "test") -> float:
+        """The exact match of the best possible model on ``split`` ("train" or "test"): where the prefix before
+        the object (the template's words up to the object slot, and the subject) fits several (task, template)
+        pairs whose dictionaries hold that subject, the best guess is the most common continuation among them,
+        right with probability its share; elsewhere the continuation is determined."""
+        sentences = {"train": self.train, "test": self.test}.get(split)
+        if sentences is None:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        objects = {(s.task, s.subject): s.object for s in self.train + self.test}
+        fits: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}  # prefix pattern -> (task, rest)
+        for k, task in enumerate(self.tasks):
+            for template in task.templates:
+                cut = template.index(OBJECT)
+                fits.setdefault(template[:cut], []).append((k, template[cut + 1:]))
+        total = 0.0
+        for s in sentences:
+            template = self.tasks[s.task].templates[s.template]
+            options = Counter((objects[(k, s.subject)], rest) for k, rest in fits[template[:template.index(OBJECT)]]
+                              if (k, s.subject) in objects)
+            total += max(options.values()) / sum(options.values())
+        return total / len(sentences)
 
     def config(self) -> dict:
         """``{"class_path", "init_args"}`` of this generator, the YAML form (plain data for checkpoints)."""

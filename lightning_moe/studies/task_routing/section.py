@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from lightning_moe.studies.artifacts import ROUTING_FILE
+from lightning_moe.studies.task_routing.data import TemplateKVTasks
 from lightning_moe.studies.report import ReportContext, figure, markdown_table, mean_std, mean_std_text
 
 EM_TARGET = 0.95  # w*(k): the smallest width whose train exact match of task k reaches this (the spec's threshold)
@@ -31,24 +32,44 @@ def _heatmap(ax, R_KE: list[list[float]], title: str):
     return im
 
 
+def _ceiling(ctx: ReportContext, condition: str, cache: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(train, test) :meth:`TemplateKVTasks.exact_match_ceiling` of the data the condition trained on, rebuilt from
+    its resolved config."""
+    import yaml
+
+    args = yaml.safe_load(ctx.paths.config(condition).read_text())["data"]["init_args"]["tasks"]["init_args"]
+    key = repr(sorted(args.items()))
+    if key not in cache:
+        tasks = TemplateKVTasks(**args)
+        cache[key] = (tasks.exact_match_ceiling("train"), tasks.exact_match_ceiling("test"))
+    return cache[key]
+
+
 def _exact_match_gap(ctx: ReportContext) -> list[str]:
-    """Training vs test exact match per condition: how much of the gap to the paper is generalisation."""
-    rows = []
+    """Training vs test exact match per condition, beside what the best possible model reaches on the same data:
+    how much of the gap to the paper is the data, and how much is generalisation."""
+    rows, cache = [], {}
     for condition in ctx.results.conditions():
         train, test = (mean_std(list(ctx.results.values(condition, m).values()))
                        for m in ("val/train_exact_match", "val/exact_match"))
         if train[0] is None or test[0] is None:
             continue
+        best_train, best_test = _ceiling(ctx, condition, cache)
         steps = ctx.runs(condition)[0].get("global_step", "")
-        rows.append([condition, steps, mean_std_text(*train), mean_std_text(*test), f"{train[0] - test[0]:+.3f}"])
+        rows.append([condition, steps, mean_std_text(*train), f"{best_train:.3f}", mean_std_text(*test),
+                     f"{best_test:.3f}", f"{train[0] - test[0]:+.3f}"])
     if not rows:
         return []
-    return ["## Exact match: training sentences vs held-out ones", "",
+    return ["## Exact match: training sentences vs held-out ones, and the data's ceiling", "",
             "Greedy exact match on the training split beside the test split (answerable sentences: their (task, "
-            "subject) fact is in a training sentence, under another template). A large gap means the model has "
-            "stored the facts with the templates it saw them in, and the held-out number measures transfer of a "
-            "fact to a new template, not memorisation.", ""] + \
-        markdown_table(["condition", "steps", "train exact match", "test exact match", "train - test"], rows) + [""]
+            "subject) fact is in a training sentence, under another template), each beside the ceiling of the "
+            "data: the exact match of the best possible model, which cannot tell two tasks apart where their "
+            "templates share the words before the object and both dictionaries hold the subject "
+            "(`TemplateKVTasks.exact_match_ceiling`). A large train - test gap means the model has stored the facts "
+            "with the templates it saw them in: the held-out number measures transfer of a fact to a new "
+            "template.", ""] + \
+        markdown_table(["condition", "steps", "train exact match", "train ceiling", "test exact match",
+                        "test ceiling", "train - test"], rows) + [""]
 
 
 def render(ctx: ReportContext) -> list[str]:
