@@ -5,7 +5,7 @@ Legend: T tokens (flattened batch*sequence, row-major), K selected slots per tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ class RoutingEvent:
     x_TD: Tensor | None = None
     skipped_TK: Tensor | None = None
     dropped_TK: Tensor | None = None
+    # Derived tensors, computed once for every monitor that asks (an event is read by several).
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +70,12 @@ class RoutingEvent:
         OLMo-core does before its balance loss; baselines §4.3); otherwise the slot weights scattered onto their
         experts and renormalised.
         """
+        key = ("mass", num_experts)
+        if key not in self._derived:
+            self._derived[key] = self._routing_mass_TE(num_experts)
+        return self._derived[key]
+
+    def _routing_mass_TE(self, num_experts: int) -> Tensor:
         if self.scores_TE is not None:
             # clamp: cosine scores (K-Means) can be negative; a token whose scores sum below zero would otherwise
             # get a mass of ±1e38 from the clamped denominator. Softmax and sigmoid scores are unchanged.

@@ -86,6 +86,7 @@ class RoutingMonitor(pl.Callback):
         self.mask_key = mask_key
         self.plots = plots
         self.taps: dict[str, Tap] = {}
+        self._state_key: str | None = None
         self.metrics: dict[str, Metric] = {}  # "<stage>/<layer>/<kind>" -> metric
         self.last_logged_step = -1
         self.logged: dict[str, float] = {}  # the last value logged under each key
@@ -127,7 +128,10 @@ class RoutingMonitor(pl.Callback):
     # ----------------------------------------------------------------------------------------------- helpers
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, **self._state_key_kwargs())
+        # Lightning asks for it on every hook call; it depends on constructor arguments only.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(layers=self.layers, **self._state_key_kwargs())
+        return self._state_key
 
     def _state_key_kwargs(self) -> dict[str, Any]:
         return {}
