@@ -129,6 +129,9 @@ def test_smoke_report_has_the_study_sections_and_plots(smoke):
         assert heading in report
     # f3_E16k1: L=4, d=176, d_e=44 -> 1.995M non-embedding total, 0.601M active (see make_study.py).
     assert "| f3_E16k1 | 3 | 1.995M | 0.601M |" in report
-    assert "(iii) the lowest feasible s (8) gives the lowest loss" in report
+    assert "| (iii) Family 3: the lowest feasible s (8) gives the lowest loss | **" in report  # in the claims table
+    table = report.split("## Claims", 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| claim |")]
+    assert table[2].startswith(f"{len(rows)} claims: ")  # the summary counts the section's claims too
     for plot in ("loss_vs_s.png", "loss_vs_n_exp.png"):
         assert (smoke / "plots" / plot).is_file()

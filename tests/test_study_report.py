@@ -48,7 +48,7 @@ def test_report_tables_claims_and_problems(study_and_plans, tmp_path):
     for r in [row(plans[0], **{"val/loss": 2.0}), row(plans[1], **{"val/loss": 2.2}),
               row(plans[2], **{"val/loss": 1.9}), row(plans[3], "failed")]:
         append_row(paths.rows, r)
-    report = write_report(study, plans, paths).read_text()
+    report = write_report(study, plans, paths)[0].read_text()
     assert report.startswith(f"# {study.name}\n") and "SMOKE" not in report
     assert "| top1 | 2 | 2.1 ± 0.14 | 2.5 |" in report and "| top2 | 1 | 1.9 | — |" in report
     assert ("| top-2 is better | **holds** | top2 val/loss = 1.9, top1 val/loss = 2.1; needed top2 val/loss < "
@@ -74,7 +74,7 @@ def test_smoke_report_lives_in_the_output_folder(study_and_plans, tmp_path):
     plans = plan_runs(study, smoke=True)
     paths = StudyPaths.of(study, tmp_path / "out", smoke=True)
     append_row(paths.rows, row(plans[0], **{"val/loss": 2.0}))
-    report = write_report(study, plans, paths, smoke=True)
+    report, _ = write_report(study, plans, paths, smoke=True)
     assert report == tmp_path / "out" / "smoke" / "REPORT.md" and not (tmp_path / "REPORT.md").exists()
     text = report.read_text()
     assert "**SMOKE RUN.**" in text and "for this smoke run `trainer.max_steps=2`" in text
@@ -109,7 +109,7 @@ def test_study_sections_are_placed_after_the_claims(study_and_plans, tmp_path):
         paths.run_dir(plan.run_id).mkdir(parents=True)
         (paths.run_dir(plan.run_id) / "mark.txt").write_text(mark)
         append_row(paths.rows, row(plan, **{"val/loss": 2.0}))
-    report = write_report(study, plans, paths).read_text()
+    report = write_report(study, plans, paths)[0].read_text()
     assert "## Claims" in report.split("## Own section\n\nseeds [0, 1] marks ['a', 'b']\n")[0]
 
 

@@ -51,8 +51,8 @@ def _run_and_report(
     study: Study, args: argparse.Namespace, out: str | Path | None, companions: Sequence[str] = (),
 ) -> tuple[Path, RunSummary | None, str]:
     """Run (for ``run``) and report one study; ``(report path, run summary or None, claims line)``."""
-    from lightning_moe.studies.report import Results, claim_verdicts, claims_line, write_report
-    from lightning_moe.studies.runner import StudyPaths, export_records, read_rows, run_study
+    from lightning_moe.studies.report import claims_line, write_report
+    from lightning_moe.studies.runner import StudyPaths, export_records, run_study
 
     plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
     paths = StudyPaths.of(study, out, args.smoke)
@@ -72,8 +72,8 @@ def _run_and_report(
         # Neither shipped records nor runs here: rebuilding would replace the committed report with an empty one.
         print(f"{study.name}: no records and no runs in {paths.root}; {kept} is kept as it is", file=sys.stderr)
         return kept, None, "kept as committed (no shipped records to rebuild it from)"
-    report = write_report(study, plans, paths, args.smoke, companions)
-    line = claims_line(claim_verdicts(study, Results.of(plans, read_rows(paths.rows)))) if study.claims else "no claims"
+    report, claims = write_report(study, plans, paths, args.smoke, companions)
+    line = claims_line(claims) if claims else "no claims"
     print(f"report: {report}", file=sys.stderr)
     return report, summary, line
 

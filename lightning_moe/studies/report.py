@@ -15,11 +15,11 @@ import os
 import statistics
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_moe.studies.claims import Claim, Lookup, Verdict, evaluate, resolution, seed_agreement, size_vs_paper
+from lightning_moe.studies.claims import Lookup, Verdict, evaluate, resolution, seed_agreement, size_vs_paper
 from lightning_moe.studies.runner import RECORDS_DIR, StudyPaths, read_rows
 from lightning_moe.studies.spec import PaperValue, RunPlan, Study, StudyError
 
@@ -73,6 +73,17 @@ class Results:
 
 
 @dataclass(frozen=True)
+class ClaimRow:
+    """One line of the claims table."""
+
+    name: str
+    ours: Verdict  # on the means over seeds; "not resolved" when the seeds' spread cannot tell (claims.resolution)
+    seeds: str  # "k/n": the seeds in which it holds on that seed's own numbers
+    paper: Verdict  # the same claim on the paper's numbers
+    size: tuple[bool, str] | None  # claims.size_vs_paper: (within the band, text), None without paper numbers
+
+
+@dataclass(frozen=True)
 class ReportContext:
     """What a study's ``sections`` function (``study.yaml: sections: package.module:function``) gets. It returns
     Markdown lines, placed after the claims. Runs leave per-run artifacts (curves, matrices) in their own folder,
@@ -83,6 +94,13 @@ class ReportContext:
     paths: StudyPaths
     report_dir: Path
     smoke: bool
+    claims: list[ClaimRow] = field(default_factory=list)  # what the sections decide, see claim()
+
+    def claim(self, name: str, holds: bool, detail: str) -> None:
+        """A claim the section decides from its own analysis (a fit, a spread over model shapes) rather than from
+        the study file: it joins the claims table and its count, without per-seed or paper columns."""
+        self.claims.append(ClaimRow(name, Verdict("holds" if holds else "fails", detail), _DASH, Verdict("n/a", ""),
+                                    None))
 
     def paper_table(self, name: str) -> Any:
         """The study file's ``paper_tables[name]``; a :class:`StudyError` naming the file when it is missing."""
@@ -288,17 +306,6 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class ClaimRow:
-    """One claim's line of the claims table."""
-
-    claim: Claim
-    ours: Verdict  # on the means over seeds; "not resolved" when the seeds' spread cannot tell (claims.resolution)
-    seeds: str  # "k/n": the seeds in which it holds on that seed's own numbers
-    paper: Verdict  # the same claim on the paper's numbers
-    size: tuple[bool, str] | None  # claims.size_vs_paper: (within the band, text), None without paper numbers
-
-
 def claim_verdicts(study: Study, results: Results) -> list[ClaimRow]:
     """Every claim of the study, checked on our numbers, per seed, for noise and beside the paper."""
     seeds = results.seeds()
@@ -309,7 +316,8 @@ def claim_verdicts(study: Study, results: Results) -> list[ClaimRow]:
         why = resolution(claim, [_one_seed(results, s) for s in seeds]) if ours.status != "n/a" else None
         if why is not None:
             ours = Verdict("not resolved", f"{ours.detail}; not resolved at our scale: {why}", ours.numbers)
-        out.append(ClaimRow(claim, ours, f"{holds}/{decided}", evaluate(claim, _paper(study)),
+        name = claim.name + (f" ({claim.note})" if claim.note else "")
+        out.append(ClaimRow(name, ours, f"{holds}/{decided}", evaluate(claim, _paper(study)),
                             size_vs_paper(claim, _ours(results), _paper(study))))
     return out
 
@@ -325,11 +333,10 @@ def claims_line(rows: Sequence[ClaimRow]) -> str:
     return line
 
 
-def _claims_section(study: Study, results: Results) -> list[str]:
+def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
     out = ["## Claims", ""]
-    if not study.claims:
+    if not rows:
         return out + ["The study states no claims.", ""]
-    rows = claim_verdicts(study, results)
     out += [f"{claims_line(rows)}. Verdicts use the means over seeds, and a claim whose deciding number lies within "
             "one seed std of its bound is *not resolved* rather than held or failed; `seeds` counts the seeds in "
             "which it holds on that seed's own numbers; `size vs paper` sets our deciding number beside the paper's "
@@ -337,7 +344,7 @@ def _claims_section(study: Study, results: Results) -> list[str]:
             "numbers.", ""]
     out += markdown_table(
         ["claim", "verdict", "deciding numbers (ours)", "seeds", "size vs paper", "paper"],
-        [(r.claim.name + (f" ({r.claim.note})" if r.claim.note else ""),
+        [(r.name,
           f"**{r.ours.status.upper() if r.ours.status in ('fails', 'not resolved') else r.ours.status}**",
           r.ours.detail, r.seeds,
           _DASH if r.size is None else f"{'within' if r.size[0] else '**outside**'}: {r.size[1]}",
@@ -366,7 +373,7 @@ def _paper_vs_ours(study: Study, results: Results) -> list[str]:
 
 def render(
     study: Study, results: Results, smoke: bool, out_dir: str, plots: Mapping[str, str], plot_note: str = "",
-    sections: Sequence[str] = (), companions: Sequence[str] = (),
+    sections: Sequence[str] = (), companions: Sequence[str] = (), claims: Sequence[ClaimRow] = (),
 ) -> str:
     """The report's Markdown; ``out_dir`` is the output folder and ``plots`` maps metric -> image path, both
     relative to the report; ``sections`` are the study's own Markdown lines, placed after the claims."""
@@ -390,7 +397,7 @@ def render(
         "a claim pass.",
         "",
     ]
-    out += _claims_section(study, results)
+    out += _claims_section(claims)
     out += _paper_vs_ours(study, results)
     out += list(companions)
     out += ["## Conditions", ""]
@@ -462,8 +469,8 @@ def render(
 
 def write_report(
     study: Study, plans: Sequence[RunPlan], paths: StudyPaths, smoke: bool = False, companions: Sequence[str] = (),
-) -> Path:
-    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return the report's path.
+) -> tuple[Path, list[ClaimRow]]:
+    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return its path and its claims.
     ``companions`` are Markdown lines summarising the companion studies, placed after the headline tables."""
     rows = read_rows(paths.rows)
     if not rows:
@@ -487,9 +494,11 @@ def write_report(
                 plots[metric] = path.relative_to(report_dir).as_posix()
     report_dir.mkdir(parents=True, exist_ok=True)
     out_dir = RECORDS_DIR if paths.records else Path(os.path.relpath(paths.root.resolve(), report_dir.resolve())).as_posix()
-    sections = study_sections(ReportContext(study, results, paths, report_dir, smoke)) if results.ok else []
-    report.write_text(render(study, results, smoke, out_dir, plots, note, sections, companions))
-    return report
+    ctx = ReportContext(study, results, paths, report_dir, smoke)
+    sections = study_sections(ctx) if results.ok else []
+    claims = claim_verdicts(study, results) + ctx.claims
+    report.write_text(render(study, results, smoke, out_dir, plots, note, sections, companions, claims))
+    return report, claims
 
 
 def companions_section(parent_dir: Path, reports: Sequence[tuple[Study, Path, str]]) -> list[str]:

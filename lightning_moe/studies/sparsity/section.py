@@ -177,7 +177,8 @@ def spread_check(ps: list[Point]) -> list[tuple[float, float, float, bool]]:
     return out
 
 
-def _fit_lines(ps: list[Point], family: int) -> list[str]:
+def _fit_lines(ctx: ReportContext, ps: list[Point], family: int) -> list[str]:
+    """The family's fitted laws, and its claims (i)-(iii) decided from them (into the claims table)."""
     lines = []
     for with_n_exp in (False, True):
         f = fit(ps, with_n_exp)
@@ -190,25 +191,24 @@ def _fit_lines(ps: list[Point], family: int) -> list[str]:
                      f"residual {f['rms']:.4f}, {sum(len(p.losses) for p in ps)} runs)")
     plain = fit(ps, False)
     if plain is not None:
-        verdict = "holds" if plain["B"] > 0 else "fails"
-        lines.append(f"- (i) loss rises with s at fixed N_total (B > 0): **{verdict}** (B = {plain['B']:+.4f} "
-                     f"nats/byte per e-fold of s)")
+        ctx.claim(f"(i) Family {family}: loss rises with s at fixed N_total (fitted B > 0)", plain["B"] > 0,
+                  f"B = {plain['B']:+.4f} nats/byte per e-fold of s (fit below)")
     for s, spread, gap, ok in spread_check(ps):
-        lines.append(f"- (ii) s={s:g}: spread over n_exp {spread:.4f} vs gap to adjacent s {gap:.4f} "
-                     f"(ratio {spread / gap:.2f}; needed < {SPREAD_MAX:g}): **{'holds' if ok else 'fails'}**")
+        ctx.claim(f"(ii) Family {family}, s={s:g}: n_exp matters less than s (spread of the loss over n_exp < "
+                  f"{SPREAD_MAX:g} x the gap to the adjacent s levels)", ok,
+                  f"spread {spread:.4f} vs gap {gap:.4f} (ratio {spread / gap:.2f}; needed < {SPREAD_MAX:g})")
     if family == 2 and (f := fit(ps, True)) is not None:
         d_by_e = sorted({(p.shape.num_experts, p.shape.d_model) for p in ps})
         shrink = all(a[1] > b[1] for a, b in itertools.pairwise(d_by_e))
-        lines.append(f"- (ii) Family 2: C > 0 with d shrinking as n_exp grows: **{'holds' if f['C'] > 0 else 'fails'}**"
-                     f" (C = {f['C']:+.4f}; d by n_exp: {', '.join(f'{e}: {d}' for e, d in d_by_e)}"
-                     f"{'' if shrink else ' — d does not shrink monotonically'})")
+        ctx.claim("(ii) Family 2: more experts cost loss when d must shrink to pay for them (fitted C > 0)",
+                  f["C"] > 0, f"C = {f['C']:+.4f}; d by n_exp: {', '.join(f'{e}: {d}' for e, d in d_by_e)}"
+                  f"{'' if shrink else ' (d does not shrink monotonically)'}")
     if family == 3:
         best = min(ps, key=lambda p: p.loss)
         lowest = min(p.s for p in ps)
-        lines.append(f"- (iii) the lowest feasible s ({lowest:g}) gives the lowest loss: "
-                     f"**{'holds' if best.s == lowest else 'fails'}** (best: {best.condition}, s={best.s:g}, "
-                     f"loss {best.loss:.4f}; mean loss per s: "
-                     + ", ".join(f"s={s:g}: {v:.4f}" for s, v in _level_means(ps).items()) + ")")
+        ctx.claim(f"(iii) Family 3: the lowest feasible s ({lowest:g}) gives the lowest loss", best.s == lowest,
+                  f"best: {best.condition}, s={best.s:g}, loss {best.loss:.4f}; mean loss per s: "
+                  + ", ".join(f"s={s:g}: {v:.4f}" for s, v in _level_means(ps).items()))
     return lines
 
 
@@ -273,7 +273,7 @@ def render(ctx: ReportContext) -> list[str]:
     lines += [law_note, ""]
     for family, fps in by_family.items():
         lines += [f"## {FAMILY_TEXT.get(family, f'Family {family}')}", "", "Mean validation loss over seeds:", ""]
-        lines += _grid_table(fps) + [""] + _fit_lines(fps, family) + [""]
+        lines += _grid_table(fps) + [""] + _fit_lines(ctx, fps, family) + [""]
     seed_sd = [sd for p in ps if (sd := mean_std(p.losses)[1]) is not None]
     if seed_sd:
         noise = (f"Seed-to-seed standard deviation of the loss, mean over shapes: {mean_std(seed_sd)[0]:.4f} "
