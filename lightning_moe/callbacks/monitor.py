@@ -55,11 +55,11 @@ class RoutingMonitor(pl.Callback):
         plots: write PNG figures (needs matplotlib) to ``<log_dir>/plots`` after each validation epoch and at the
             end of fit.
         sample_every: feed the training window the batches of one optimizer step in this many (steps 1, 1 + N,
-            ..., and the logging step's always), so its statistics are estimates from that share of the window's batches; validation sees
-            every batch. Default: the monitor's ``default_sample_every``: 1 for load balance (exact counts),
-            geometry and transitions (switches are rare); 5 for specialisation, co-activation, margins and
-            alarms, whose per-batch work would otherwise cost more than 5% of a small model's step
-            (``benchmarks/README.md``).
+            ..., and the logging step's always), so its statistics are estimates from that share of the window's
+            batches; validation sees every batch. Default: the monitor's ``default_sample_every``: 1 for load
+            balance (exact counts), geometry and transitions (switches are rare); 5 for specialisation,
+            co-activation, margins and alarms, whose per-batch work would otherwise cost more than 5% of a small
+            model's step (``benchmarks/README.md``).
     """
 
     needs_inputs = False  # whether taps must hand over the layer input x_TD

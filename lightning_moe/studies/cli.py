@@ -51,7 +51,7 @@ def _run_and_report(
     study: Study, args: argparse.Namespace, out: str | Path | None, companions: Sequence[str] = (),
 ) -> tuple[Path, RunSummary | None, str]:
     """Run (for ``run``) and report one study; ``(report path, run summary or None, claims line)``."""
-    from lightning_moe.studies.report import claims_line, write_report
+    from lightning_moe.studies.report import REPORT_FILE, claims_line, write_report
     from lightning_moe.studies.runner import StudyPaths, export_records, run_study
 
     plans = plan_runs(study, args.smoke, args.seeds, args.conditions)
@@ -67,7 +67,7 @@ def _run_and_report(
         paths = export_records(study, paths)
     elif default and StudyPaths.of_records(study).rows.is_file():
         paths = StudyPaths.of_records(study)
-    kept = paths.report_dir / "REPORT.md"
+    kept = paths.report_dir / REPORT_FILE
     if args.action == "report" and not paths.rows.is_file() and kept.is_file():
         # Neither shipped records nor runs here: rebuilding would replace the committed report with an empty one.
         print(f"{study.name}: no records and no runs in {paths.root}; {kept} is kept as it is", file=sys.stderr)
