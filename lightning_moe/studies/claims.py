@@ -258,9 +258,10 @@ def evaluate(claim: Claim, lookup: Lookup) -> Verdict:
         detail = f"{shown}; needed {names[0]} {'<' if kind == 'less' else '>'} {names[1]}"
     elif kind == "ratio":
         a, b = values
-        if b == 0:
+        found = checks(claim, values)
+        if found is None:
             return Verdict("n/a", f"{shown}; the ratio is undefined because {names[1]} is 0", numbers)
-        r = a / b
+        r = found[0].value
         numbers["ratio"] = r
         ok = _in_bounds(r, claim.min, claim.max)
         # '#' keeps trailing zeros, so a ratio of 1.0002 reads 1.000, not 1.
@@ -270,8 +271,7 @@ def evaluate(claim: Claim, lookup: Lookup) -> Verdict:
         ok = _in_bounds(values[0], claim.min, claim.max)
         detail = f"{shown}; {_bounds_text(claim.min, claim.max)}"
     elif kind == "within":
-        a, b = values
-        rel = abs(a - b) / abs(b) if b != 0 else (0.0 if a == 0 else math.inf)
+        rel = checks(claim, values)[0].value
         numbers["relative difference"] = rel
         ok = rel <= (claim.tol or 0.0)
         detail = f"{shown}; |difference| / |{names[1]}| = {rel:.2%}, needed <= {(claim.tol or 0.0):.2%}"
@@ -317,9 +317,9 @@ class Check:
     lo: float | None
     hi: float | None
 
-    def margin(self) -> float:
-        """Distance from ``value`` to the nearest bound, whichever side it is on."""
-        return min(abs(self.value - b) for b in (self.lo, self.hi) if b is not None)
+    def distance(self, x: float) -> float:
+        """Distance from ``x`` to the nearest bound, whichever side it is on."""
+        return min(abs(x - b) for b in (self.lo, self.hi) if b is not None)
 
 
 def checks(claim: Claim, values: Sequence[float]) -> list[Check] | None:
@@ -356,7 +356,7 @@ def resolution(claim: Claim, seed_lookups: Sequence[Lookup]) -> str | None:
         xs = [seed[i].value for seed in per_seed]
         mean = sum(xs) / len(xs)
         std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-        if math.isfinite(std) and Check(check.label, mean, check.lo, check.hi).margin() < std:
+        if math.isfinite(std) and check.distance(mean) < std:
             return (f"{check.label} = {_fmt(mean)} is within one seed std ({_fmt(std)}, {len(xs)} seeds) of its "
                     "bound")
     return None

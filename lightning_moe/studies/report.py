@@ -309,16 +309,18 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def claim_verdicts(study: Study, results: Results) -> list[ClaimRow]:
     """Every claim of the study, checked on our numbers, per seed, for noise and beside the paper."""
     seeds = results.seeds()
+    by_seed = {s: _one_seed(results, s) for s in seeds}
+    mean, paper = _ours(results), _paper(study)
     out = []
     for claim in study.claims:
-        holds, decided = seed_agreement(claim, seeds, lambda s: _one_seed(results, s))
-        ours = evaluate(claim, _ours(results))
-        why = resolution(claim, [_one_seed(results, s) for s in seeds]) if ours.status != "n/a" else None
+        holds, decided = seed_agreement(claim, seeds, by_seed.__getitem__)
+        ours = evaluate(claim, mean)
+        why = resolution(claim, list(by_seed.values())) if ours.status != "n/a" else None
         if why is not None:
             ours = Verdict("not resolved", f"{ours.detail}; not resolved at our scale: {why}", ours.numbers)
         name = claim.name + (f" ({claim.note})" if claim.note else "")
-        out.append(ClaimRow(name, ours, f"{holds}/{decided}", evaluate(claim, _paper(study)),
-                            size_vs_paper(claim, _ours(results), _paper(study))))
+        out.append(ClaimRow(name, ours, f"{holds}/{decided}", evaluate(claim, paper),
+                            size_vs_paper(claim, mean, paper)))
     return out
 
 

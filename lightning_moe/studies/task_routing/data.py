@@ -200,7 +200,7 @@ class TemplateKVTasks:
         sentences = {"train": self.train, "test": self.test}.get(split)
         if sentences is None:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-        objects = {(s.task, s.subject): s.object for s in self.train + self.test}
+        objects = {(k, subject): obj for k, task in enumerate(self.tasks) for subject, obj in task.facts}
         fits: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}  # prefix pattern -> (task, rest)
         for k, task in enumerate(self.tasks):
             for template in task.templates:
