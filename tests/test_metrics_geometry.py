@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from lightning_moe.metrics import ScoreActivationCoupling, rankdata, router_geometry, spearman
+from lightning_moe.metrics import (
+    RoutedMean,
+    ScoreActivationCoupling,
+    paired_alignment,
+    rankdata,
+    router_geometry,
+    spearman,
+    top_right_singular_ED,
+)
 from lightning_moe.metrics.geometry import projection_norms_N, zscore_per_group
 from tests.metric_helpers import SUM_OR_CAT, assert_merge_equals_whole, assert_reductions
 
@@ -89,3 +97,73 @@ def test_coupling_states_gather_and_merge_exactly():
     g = torch.Generator().manual_seed(0)
     w, y, e = torch.rand(40, generator=g), torch.rand(40, generator=g), torch.randint(0, 3, (40,), generator=g)
     assert_merge_equals_whole(lambda: ScoreActivationCoupling(3), lambda m, s: m.update(w[s], y[s], e[s]), 40)
+
+
+def test_paired_alignment_by_hand():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    c = 1 / math.sqrt(2)
+    out = paired_alignment(a, b)  # cos(a_i, b_j): [[1, c], [0, c]]
+    assert out["matched"].item() == pytest.approx((1 + c) / 2)
+    assert out["mismatched"].item() == pytest.approx((c + 0) / 2)
+    assert out["match_rate"].item() == 1.0  # row 0: 1 > c; row 1: c > 0
+
+
+def test_paired_alignment_counts_a_row_best_aligned_elsewhere_as_a_miss():
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 0.1]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert paired_alignment(a, b)["match_rate"].item() == 0.5  # row 1 points along b_0, not b_1
+
+
+def test_paired_alignment_leaves_out_rows_without_a_direction():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # row 1 never moved
+    b = torch.tensor([[1.0, 0.0], [1.0, 1.0], [float("nan"), float("nan")]])  # expert 2 got no token
+    out = paired_alignment(a, b)
+    assert out["matched"].item() == pytest.approx(1.0)  # only row 0 is left
+    assert math.isnan(out["mismatched"].item())  # one row has no mismatched partner
+    assert all(math.isnan(v.item()) for v in paired_alignment(torch.zeros(3, 2), b).values())
+
+
+def test_paired_alignment_absolute_ignores_the_sign():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[-2.0, 0.0], [0.0, -1.0]])
+    assert paired_alignment(a, b)["matched"].item() == pytest.approx(-1.0)
+    assert paired_alignment(a, b, absolute=True)["matched"].item() == pytest.approx(1.0)
+
+
+def test_top_right_singular_vector_of_a_rank_one_projection_is_its_input_direction():
+    v_ED = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    u_F = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64)
+    top_ED = top_right_singular_ED(u_F[None, :, None] * v_ED[:, None, :])  # W_e = u v_eᵀ
+    assert torch.allclose(top_ED.abs(), v_ED.abs(), atol=1e-12)
+
+
+def test_paired_alignment_needs_two_tables_of_one_shape():
+    with pytest.raises(ValueError, match=r"both must be \[E, D\] of one shape, got \(2, 3\) and \(3, 3\)"):
+        paired_alignment(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_routed_mean_matches_a_per_expert_loop_and_is_nan_for_an_unused_expert():
+    g = torch.Generator().manual_seed(0)
+    x, experts = torch.randn(12, 3, generator=g), torch.tensor([0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1])
+    m = RoutedMean(3, 3)
+    m.update(x[:5], experts[:5])
+    m.update(x[5:], experts[5:])
+    mu = m.compute()
+    for e in (0, 1):
+        assert torch.allclose(mu[e], x[experts == e].double().mean(0))
+    assert mu[2].isnan().all()
+
+
+def test_routed_mean_sums_reduce_and_merge_exactly():
+    assert_reductions(RoutedMean(3, 2))
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(30, 2, generator=g), torch.randint(0, 3, (30,), generator=g)
+    whole, first, second = RoutedMean(3, 2), RoutedMean(3, 2), RoutedMean(3, 2)
+    whole.update(x, e)
+    first.update(x[:13], e[:13])
+    second.update(x[13:], e[13:])
+    first.merge_state(second)
+    assert torch.allclose(first.compute(), whole.compute())
+
+
+def test_routed_mean_names_the_shapes_it_needs():
+    with pytest.raises(ValueError, match=r"x \[N, 2\] and experts \[N\], got shapes \(4, 3\) and \(4,\)"):
+        RoutedMean(3, 2).update(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))

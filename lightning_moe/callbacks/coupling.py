@@ -6,7 +6,8 @@ Legend: T tokens, K slots, E experts, D model width, F expert width, N counted (
 At every validation run it pools the validation set's (token, selected expert) pairs of all layers into
 :class:`~lightning_moe.metrics.coupling.LayerCoupling` (score = dispatch weight or router-row logit; response =
 ‖h·W_gateᵀ‖₂, ‖h·W_upᵀ‖₂ or mean SiLU(h·W_gateᵀ), recomputed from the tapped layer's own weights under
-``no_grad``) and measures the router rows' geometry. Training batches only feed a per-layer MaxVio_batch average.
+``no_grad``), measures the router rows' geometry, and checks the accumulated history: whether each router row's
+change since the start of training points along the mean hidden state routed to its own expert. Training batches only feed a per-layer MaxVio_batch average.
 Because every value is logged at validation, the last one of each reaches ``trainer.callback_metrics``
 (and so the study runner's result); the JSON artifact keeps the whole history and the decile curves for plots.
 """
@@ -26,7 +27,7 @@ from lightning_moe.adapters import RoutingEvent
 from lightning_moe.callbacks.monitor import RoutingMonitor, check_artifact_name, Stage
 from lightning_moe.callbacks.plots import new_figure
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, expert_responses_N
-from lightning_moe.metrics.geometry import router_geometry
+from lightning_moe.metrics.geometry import RoutedMean, paired_alignment, router_geometry, top_right_singular_ED
 from lightning_moe.metrics.load import ExpertLoad
 from lightning_moe.utils import check_positive_int
 
@@ -56,6 +57,15 @@ class CouplingMonitor(RoutingMonitor):
     * ``val/geometry/<layer>/{mean_cosine,nn_cosine,effective_rank,common_energy}`` of the router rows (linear
       router weights or K-Means centroids) and ``val/geometry/mean_cosine`` (mean over layers; the paper's
       Fig. 3 number);
+    * ``val/coupling/history/{matched,mismatched,match_rate}`` (mean over layers) and per layer
+      ``val/coupling/<layer>/history/...``: the spec's accumulated-history check, cos(r_i − r_i(0), μ_i) with
+      r_i(0) the router row at the start of the first fit (kept in the checkpoint, so a resumed run keeps its
+      origin) and μ_i the mean validation hidden state routed to expert i, for the matched expert against the
+      mean over mismatched j ≠ i, and the share of rows whose best-aligned μ is their own (see
+      :func:`~lightning_moe.metrics.geometry.paired_alignment`); absent for rows that never moved (a frozen
+      router);
+    * ``val/coupling/up_direction/{matched,mismatched,match_rate}`` and per layer: |cos(r_i, v_i)| with v_i the top
+      right-singular vector of expert i's W_up, matched against mismatched;
     * ``val/train_maxvio_batch/<layer>`` and ``val/train_maxvio_batch`` (mean over layers): MaxVio of each
       *training* batch, averaged over the batches since the previous validation (MaxVio_batch of Wang et al.
       2024 over a window; logged at validation so the last window reaches ``callback_metrics``).
@@ -85,6 +95,7 @@ class CouplingMonitor(RoutingMonitor):
         self.min_group_pairs, self.artifact = min_group_pairs, artifact
         self.history: list[dict[str, Any]] = []
         self.latest: dict[str, Any] = {}
+        self.initial_rows: dict[str, Tensor] = {}  # layer -> router rows at the first fit's start (CPU, fp32)
 
     def _build(self, pl_module: pl.LightningModule) -> None:
         sizes = {tap.num_experts for tap in self.taps.values()}
@@ -98,6 +109,9 @@ class CouplingMonitor(RoutingMonitor):
             # Fed by training batches but kept under the "val" stage: validation resets it, so it averages over
             # the training batches since the previous validation, not over the training log window.
             self.add_metric(layer, "train_load", partial(ExpertLoad, tap.num_experts), stages=("val",))
+            if (rows_ED := tap.router_weight_ED()) is not None:
+                self.add_metric(layer, "routed_mean", partial(RoutedMean, tap.num_experts, rows_ED.shape[1]),
+                                stages=("val",))
         if self.taps:
             factory = partial(LayerCoupling, len(self.taps), sizes.pop(), self.min_group_pairs)
             self.add_metric(_POOLED, "pairs", factory, stages=("val",))
@@ -123,6 +137,7 @@ class CouplingMonitor(RoutingMonitor):
             logit_N = (x_ND.float() * rows_ED.detach()[experts_N].float()).sum(dim=1)
             responses = expert_responses_N(x_ND, experts_N, gate_EFD.detach(), up_EFD.detach())
         scores = {"weight": event.weights_TK[keep_TK], "logit": logit_N}
+        self.update_metric(stage, event.layer, "routed_mean", x_ND, experts_N)
         self.update_metric(stage, _POOLED, "pairs", self.layer_index[event.layer], experts_N, scores, responses)
 
     def _compute(self, stage: Stage) -> dict[str, Tensor]:
@@ -142,6 +157,7 @@ class CouplingMonitor(RoutingMonitor):
                 out.update({f"geometry/{layer}/{k}": v for k, v in geometry[layer].items()})
         if geometry:
             out["geometry/mean_cosine"] = sum(g["mean_cosine"] for g in geometry.values()) / len(geometry)
+        out.update(self._alignment())
         coupling: dict[str, Any] = {}
         if f"val/{_POOLED}/pairs" in self.updated:
             result = self.metric("val", _POOLED, "pairs").compute()
@@ -161,6 +177,40 @@ class CouplingMonitor(RoutingMonitor):
                     }
         self.latest = {"coupling": coupling, "geometry": geometry}
         return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in out.items()}
+
+    def _alignment(self) -> dict[str, float]:
+        """The accumulated-history and W_up-direction checks per layer, and their means over layers."""
+        per_layer: dict[str, dict[str, dict[str, float]]] = {"history": {}, "up_direction": {}}
+        for layer in self._has_data("val", "routed_mean"):
+            tap = self.taps[layer]
+            rows_ED, up_EFD = tap.router_weight_ED().detach(), tap.expert_weight_EFD("up")
+            if layer in self.initial_rows:
+                moved_ED = rows_ED.double() - self.initial_rows[layer].to(rows_ED.device).double()
+                mu_ED = self.metric("val", layer, "routed_mean").compute()
+                per_layer["history"][layer] = {k: float(v) for k, v in paired_alignment(moved_ED, mu_ED).items()}
+            if up_EFD is not None:
+                # A singular vector's sign is arbitrary, so the direction check compares |cos|.
+                top_ED = top_right_singular_ED(up_EFD)
+                per_layer["up_direction"][layer] = {
+                    k: float(v) for k, v in paired_alignment(rows_ED, top_ED, absolute=True).items()}
+        out: dict[str, float] = {}
+        for check, layers in per_layer.items():
+            layers = {layer: v for layer, v in layers.items() if not math.isnan(v["matched"])}
+            for layer, values in layers.items():
+                out.update({f"coupling/{layer}/{check}/{k}": v for k, v in values.items() if not math.isnan(v)})
+            for k in ("matched", "mismatched", "match_rate"):
+                finite = [v[k] for v in layers.values() if not math.isnan(v[k])]
+                if finite:
+                    out[f"coupling/{check}/{k}"] = sum(finite) / len(finite)
+        return out
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume the checkpoint's origin was restored already (Lightning restores callbacks before this
+        # hook), so only layers without one take the rows they start from now.
+        for layer, tap in self.taps.items():
+            rows_ED = tap.router_weight_ED()
+            if layer not in self.initial_rows and rows_ED is not None:
+                self.initial_rows[layer] = rows_ED.detach().float().cpu().clone()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, after every ``on_validation_epoch_end``, the epoch's logged values are in callback_metrics.
@@ -191,7 +241,8 @@ class CouplingMonitor(RoutingMonitor):
         self.save_figure(fig, directory, "val")
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "initial_rows": dict(self.initial_rows)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
+        self.initial_rows = dict(state.get("initial_rows", {}))  # absent in checkpoints of older versions

@@ -5,7 +5,15 @@ Every state is sum-reduced (``cat`` for the rank-based coupling metric), so DDP 
 
 from lightning_moe.metrics.consistency import RoutingOverlap, order_by_weight, router_saturation, routing_fluctuation
 from lightning_moe.metrics.coupling import COUPLING_RESPONSES, COUPLING_SCORES, LayerCoupling, correlation_log10_p, coupling_stats
-from lightning_moe.metrics.geometry import ScoreActivationCoupling, rankdata, router_geometry, spearman
+from lightning_moe.metrics.geometry import (
+    RoutedMean,
+    ScoreActivationCoupling,
+    paired_alignment,
+    rankdata,
+    router_geometry,
+    spearman,
+    top_right_singular_ED,
+)
 from lightning_moe.metrics.diagnostics import CoActivation, MarginHistogram, decision_margins_T
 from lightning_moe.metrics.load import ExpertLoad, SlotCounts, load_percentiles, load_stats
 from lightning_moe.metrics.specialization import (
@@ -25,6 +33,7 @@ __all__ = [
     "LabelSpecialization",
     "LayerCoupling",
     "MarginHistogram",
+    "RoutedMean",
     "RoutingOverlap",
     "ScoreActivationCoupling",
     "SlotCounts",
@@ -39,6 +48,7 @@ __all__ = [
     "load_stats",
     "mass_coverage_T",
     "order_by_weight",
+    "paired_alignment",
     "rankdata",
     "router_geometry",
     "router_saturation",
@@ -46,4 +56,5 @@ __all__ = [
     "share_matrix_CE",
     "spearman",
     "specialization_stats",
+    "top_right_singular_ED",
 ]

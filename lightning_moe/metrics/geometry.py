@@ -51,6 +51,82 @@ def router_geometry(rows_ED: Tensor, center: bool = False) -> dict[str, Tensor]:
     }
 
 
+def paired_alignment(a_ED: Tensor, b_ED: Tensor, absolute: bool = False) -> dict[str, Tensor]:
+    """How much row i of ``a`` points along row i of ``b`` rather than along the other rows (float64): the
+    spec's accumulated-history check, e.g. ``a`` = a router row's change since the start, ``b`` = the mean input
+    routed to its expert.
+
+    * ``matched``: mean_i cos(a_i, b_i);
+    * ``mismatched``: mean over i ≠ j of cos(a_i, b_j) (NaN with one usable row): the baseline, which is far from
+      zero when the rows share a direction (hidden states do);
+    * ``match_rate``: share of rows i whose best-aligned row of ``b`` is b_i (chance 1 / rows).
+
+    Rows where either side is zero (an expert that got no token, a router row that never moved) have no
+    direction and are left out; with none left every value is NaN.
+
+    Args:
+        absolute: compare |cos|, for directions whose sign is arbitrary (singular vectors).
+    """
+    if a_ED.ndim != 2 or a_ED.shape != b_ED.shape:
+        raise ValueError(f"paired_alignment compares row i of a with row i of b, so both must be [E, D] of one shape, "
+                         f"got {tuple(a_ED.shape)} and {tuple(b_ED.shape)}.")
+    # A NaN row (RoutedMean of an expert without tokens) fails ``> 0`` too.
+    valid_E = (a_ED.detach().abs().sum(1) > 0) & (b_ED.detach().abs().sum(1) > 0)
+    A = F.normalize(a_ED.detach().double()[valid_E], dim=1)
+    B = F.normalize(b_ED.detach().double()[valid_E], dim=1)
+    n = A.shape[0]
+    if n == 0:
+        return {k: torch.tensor(float("nan"), dtype=torch.float64) for k in ("matched", "mismatched", "match_rate")}
+    cos_EE = A @ B.T
+    if absolute:
+        cos_EE = cos_EE.abs()
+    diag_E = torch.eye(n, dtype=torch.bool, device=cos_EE.device)
+    own_E = torch.arange(n, device=cos_EE.device)
+    return {
+        "matched": cos_EE.diagonal().mean(),
+        "mismatched": cos_EE[~diag_E].mean(),  # mean of no pairs = NaN for one row
+        "match_rate": (cos_EE.argmax(1) == own_E).double().mean(),
+    }
+
+
+def top_right_singular_ED(weight_EFD: Tensor) -> Tensor:
+    """The top right-singular vector of each expert's [F, D] projection, [E, D] float64 (sign arbitrary): the
+    input direction the expert's projection amplifies most."""
+    return torch.linalg.svd(weight_EFD.detach().double(), full_matrices=False).Vh[:, 0, :]
+
+
+class RoutedMean(Metric):
+    """The mean input routed to each expert, μ_e = Σ_{n: e_n = e} x_n / count_e, over (token, selected expert)
+    pairs (a token routed to K experts counts once for each); NaN rows for experts with no pair. Sums, so DDP
+    reduction is exact.
+
+    Args:
+        num_experts: number of experts E.
+        dim: input width D.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_experts: int, dim: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("dim", dim)
+        self.add_state("sum_ED", default=torch.zeros(num_experts, dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count_E", default=torch.zeros(num_experts, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x_ND: Tensor, experts_N: Tensor) -> None:
+        if x_ND.shape[:1] != experts_N.shape or x_ND.shape[1:] != self.sum_ED.shape[1:]:
+            raise ValueError(
+                f"RoutedMean needs x [N, {self.sum_ED.shape[1]}] and experts [N], got shapes {tuple(x_ND.shape)} "
+                f"and {tuple(experts_N.shape)}."
+            )
+        self.sum_ED.index_add_(0, experts_N, x_ND.detach().double())
+        self.count_E += torch.bincount(experts_N, minlength=self.count_E.numel()).double()
+
+    def compute(self) -> Tensor:
+        return self.sum_ED / self.count_E[:, None]  # 0 / 0 = NaN for an expert without a pair
+
+
 def rankdata(x_N: Tensor) -> Tensor:
     """1-based ranks with ties given their average rank (scipy's ``rankdata(method="average")``), float64."""
     n = x_N.numel()

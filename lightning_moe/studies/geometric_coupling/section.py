@@ -253,6 +253,31 @@ def _decile_plot(ctx: ReportContext) -> str | None:
     return ctx.link(path, "coupling decile curves")
 
 
+def _accumulated_history(ctx: ReportContext, layers: list[str]) -> list[str]:
+    out = ["## Accumulated history", "",
+           "The paper's mechanism (Sec. 3): a router row and its expert's W_up rows get gradients along the same "
+           "routed tokens, so both should have grown along the tokens their expert received. History: cos(r_i - "
+           "r_i(0), mu_i), a router row's change since step 0 against the mean validation hidden state routed to "
+           "its own expert (matched) and to the other experts (mismatched, the baseline: hidden states may share "
+           "a direction); match rate: share of rows whose best-aligned mu is their own expert's "
+           "(chance 1/16 = 0.0625). W_up direction: |cos(r_i, v_i)|, v_i the top right-singular vector of expert "
+           "i's W_up. Final validation, mean over layers, mean ± std over seeds. The frozen random router never "
+           "moves, so it has no history. The paper gives no number for either check.", ""]
+    keys = [("history", "matched"), ("history", "mismatched"), ("history", "match_rate"),
+            ("up_direction", "matched"), ("up_direction", "mismatched"), ("up_direction", "match_rate")]
+    header = ["condition"] + [f"{'history' if c == 'history' else 'W_up direction'} {k.replace('_', ' ')}"
+                              for c, k in keys]
+    rows = [[c] + [_text(_final(ctx, c, f"val/coupling/{check}/{k}")) for check, k in keys]
+            for c in ctx.results.conditions()]
+    out += markdown_table(header, rows) + ["", "**History matched - mismatched per layer**", ""]
+    rows = []
+    for c in ctx.results.conditions():
+        gaps = [[m - o for m, o in zip(_final(ctx, c, f"val/coupling/{l}/history/matched"),
+                                       _final(ctx, c, f"val/coupling/{l}/history/mismatched"))] for l in layers]
+        rows.append([c] + [_text(g) for g in gaps])
+    return out + markdown_table(["condition"] + [f"L{i}" for i in range(len(layers))], rows) + [""]
+
+
 def _specialization(ctx: ReportContext, layers: list[str]) -> list[str]:
     out = ["## Domain specialisation", "",
            "NMI(domain; expert) over all K slots (arithmetic normalisation), code vs prose, final validation set. "
@@ -270,7 +295,7 @@ def render(ctx: ReportContext) -> list[str]:
     layers = arts[0]["layers"]
     plots = matplotlib_available()
     out = _perplexity(ctx) + _balance(ctx, layers, plots) + _geometry(ctx, layers, plots)
-    out += _coupling(ctx, layers, plots) + _specialization(ctx, layers)
+    out += _coupling(ctx, layers, plots) + _accumulated_history(ctx, layers) + _specialization(ctx, layers)
     if plots:
         link = _curves_plot(ctx, [("val/loss", "validation loss (nats/byte)")], "val_loss_over_training.png", False)
         if link:
