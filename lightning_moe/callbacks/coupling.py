@@ -7,7 +7,8 @@ At every validation run it pools the validation set's (token, selected expert) p
 :class:`~lightning_moe.metrics.coupling.LayerCoupling` (score = dispatch weight or router-row logit; response =
 ‖h·W_gateᵀ‖₂, ‖h·W_upᵀ‖₂ or mean SiLU(h·W_gateᵀ), recomputed from the tapped layer's own weights under
 ``no_grad``), measures the router rows' geometry, and checks the accumulated history: whether each router row's
-change since the start of training points along the mean hidden state routed to its own expert. Training batches only feed a per-layer MaxVio_batch average.
+change since the start of training points along the mean hidden state routed to its own expert. Training batches
+only feed a per-layer MaxVio_batch average.
 Because every value is logged at validation, the last one of each reaches ``trainer.callback_metrics``
 (and so the study runner's result); the JSON artifact keeps the whole history and the decile curves for plots.
 """
@@ -15,6 +16,7 @@ Because every value is logged at validation, the last one of each reaches ``trai
 from __future__ import annotations
 
 import math
+import statistics
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -195,13 +197,12 @@ class CouplingMonitor(RoutingMonitor):
                     k: float(v) for k, v in paired_alignment(rows_ED, top_ED, absolute=True).items()}
         out: dict[str, float] = {}
         for check, layers in per_layer.items():
-            layers = {layer: v for layer, v in layers.items() if not math.isnan(v["matched"])}
-            for layer, values in layers.items():
-                out.update({f"coupling/{layer}/{check}/{k}": v for k, v in values.items() if not math.isnan(v)})
             for k in ("matched", "mismatched", "match_rate"):
-                finite = [v[k] for v in layers.values() if not math.isnan(v[k])]
-                if finite:
-                    out[f"coupling/{check}/{k}"] = sum(finite) / len(finite)
+                # NaN = undefined (rows that never moved, one usable row): left out, not averaged in.
+                values = {layer: v[k] for layer, v in layers.items() if not math.isnan(v[k])}
+                out.update({f"coupling/{layer}/{check}/{k}": v for layer, v in values.items()})
+                if values:
+                    out[f"coupling/{check}/{k}"] = statistics.fmean(values.values())
         return out
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

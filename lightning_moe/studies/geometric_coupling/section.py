@@ -262,7 +262,9 @@ def _accumulated_history(ctx: ReportContext, layers: list[str]) -> list[str]:
            "a direction); match rate: share of rows whose best-aligned mu is their own expert's "
            "(chance 1/16 = 0.0625). W_up direction: |cos(r_i, v_i)|, v_i the top right-singular vector of expert "
            "i's W_up. Final validation, mean over layers, mean ± std over seeds. The frozen random router never "
-           "moves, so it has no history. The paper gives no number for either check.", ""]
+           "moves, so it has no history. The paper gives no number for either check. A cosine below 0 means "
+           "the row moved away from those tokens; where both cosines are negative, every row moved away from the "
+           "direction all hidden states share, and the check is the difference and the match rate.", ""]
     keys = [("history", "matched"), ("history", "mismatched"), ("history", "match_rate"),
             ("up_direction", "matched"), ("up_direction", "mismatched"), ("up_direction", "match_rate")]
     header = ["condition"] + [f"{'history' if c == 'history' else 'W_up direction'} {k.replace('_', ' ')}"
