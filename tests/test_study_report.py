@@ -74,7 +74,7 @@ def test_smoke_report_lives_in_the_output_folder(study_and_plans, tmp_path):
     plans = plan_runs(study, smoke=True)
     paths = StudyPaths.of(study, tmp_path / "out", smoke=True)
     append_row(paths.rows, row(plans[0], **{"val/loss": 2.0}))
-    report, _ = write_report(study, plans, paths, smoke=True)
+    report, _, _ = write_report(study, plans, paths, smoke=True)
     assert report == tmp_path / "out" / "smoke" / "REPORT.md" and not (tmp_path / "REPORT.md").exists()
     text = report.read_text()
     assert "**SMOKE RUN.**" in text and "for this smoke run `trainer.max_steps=2`" in text

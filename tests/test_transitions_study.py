@@ -57,6 +57,18 @@ def test_toy_wall_time_compares_the_reference_protocols_runs_and_the_whole_study
     assert "the reference's protocol (the 45-run ablation.py, measured) took 27.6 min" in report
 
 
+def test_parent_report_gives_each_companions_run_time_and_the_whole_studys(smoke):
+    report = (smoke["toy"] / "smoke" / "REPORT.md").read_text()
+    per_study = {name: sum(r["wall_s"] for r in read_rows(folder / "smoke" / "runs.jsonl"))
+                 for name, folder in smoke.items()}
+    for name in ("lm", "beta", "precision"):
+        title = load_study(STUDIES[name][0]).title
+        row = next(line for line in report.splitlines() if line.startswith(f"| {title} |"))
+        assert f"| {per_study[name] / 60:.1f} |" in row
+    whole = sum(per_study.values())
+    assert f"- with the companion studies: {whole:,.0f} s ({whole / 60:.1f} min summed over runs" in report
+
+
 def test_lm_report_plots_gate_and_bpc_around_the_transition(smoke):
     plots = smoke["lm"] / "smoke" / "plots"
     assert (plots / "transitions_lm_p_correct.png").is_file() and (plots / "transitions_lm_bpc.png").is_file()

@@ -49,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_and_report(
     study: Study, args: argparse.Namespace, out: str | Path | None, companions: Sequence[str] = (),
-) -> tuple[Path, RunSummary | None, str]:
-    """Run (for ``run``) and report one study; ``(report path, run summary or None, claims line)``."""
+    companions_run_s: float = 0.0,
+) -> tuple[Path, RunSummary | None, str, float]:
+    """Run (for ``run``) and report one study; ``(report path, run summary or None, claims line, summed run
+    seconds)``."""
     from lightning_moe.studies.report import REPORT_FILE, claims_line, write_report
     from lightning_moe.studies.runner import StudyPaths, export_records, run_study
 
@@ -71,11 +73,11 @@ def _run_and_report(
     if args.action == "report" and not paths.rows.is_file() and kept.is_file():
         # Neither shipped records nor runs here: rebuilding would replace the committed report with an empty one.
         print(f"{study.name}: no records and no runs in {paths.root}; {kept} is kept as it is", file=sys.stderr)
-        return kept, None, "kept as committed (no shipped records to rebuild it from)"
-    report, claims = write_report(study, plans, paths, args.smoke, companions)
+        return kept, None, "kept as committed (no shipped records to rebuild it from)", 0.0
+    report, claims, run_s = write_report(study, plans, paths, args.smoke, companions, companions_run_s)
     line = claims_line(claims) if claims else "no claims"
     print(f"report: {report}", file=sys.stderr)
-    return report, summary, line
+    return report, summary, line, run_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for folder in companions:
             companion = load_study(folder)
             out = None if args.out is None else Path(args.out) / companion.name
-            report, summary, line = _run_and_report(companion, args, out)
+            report, summary, line, run_s = _run_and_report(companion, args, out)
             summaries.append(summary)
-            done.append((companion, report, line))
+            done.append((companion, report, line, run_s))
         report_dir = StudyPaths.of(study, args.out, args.smoke).report_dir
-        _, summary, _ = _run_and_report(study, args, args.out, companions_section(report_dir, done))
+        _, summary, _, _ = _run_and_report(study, args, args.out, companions_section(report_dir, done),
+                                           sum(d[3] for d in done))
         summaries.append(summary)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -291,11 +291,16 @@ def _hardware_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines or ["- (no finished runs)"]
 
 
-def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Summed run time and first-start-to-last-finish span."""
+def run_seconds(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The runs' wall times summed."""
+    return sum(r.get("wall_s", 0.0) for r in rows)
+
+
+def _wall_lines(rows: Sequence[Mapping[str, Any]], companions_run_s: float = 0.0) -> list[str]:
+    """Summed run time (with the companion studies' when there are any) and first-start-to-last-finish span."""
     if not rows:
         return []
-    total = sum(r.get("wall_s", 0.0) for r in rows)
+    total = run_seconds(rows)
     starts = [dt.datetime.fromisoformat(r["started"]) for r in rows if r.get("started")]
     ends = [dt.datetime.fromisoformat(r["finished"]) for r in rows if r.get("finished")]
     lines = [f"- total wall time of the runs: {total:,.0f} s ({total / 60:.1f} min, summed over runs)"]
@@ -303,6 +308,10 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         span = (max(ends) - min(starts)).total_seconds()
         lines.append(f"- first start to last finish: {span:,.0f} s ({span / 60:.1f} min; includes any pauses "
                      f"between resumed invocations)")
+    if companions_run_s:
+        whole = total + companions_run_s
+        lines.append(f"- with the companion studies: {whole:,.0f} s ({whole / 60:.1f} min summed over runs; "
+                     f"{whole / 120:.1f} min on two cores, two runs at a time)")
     return lines
 
 
@@ -376,9 +385,11 @@ def _paper_vs_ours(study: Study, results: Results) -> list[str]:
 def render(
     study: Study, results: Results, smoke: bool, out_dir: str, plots: Mapping[str, str], plot_note: str = "",
     sections: Sequence[str] = (), companions: Sequence[str] = (), claims: Sequence[ClaimRow] = (),
+    companions_run_s: float = 0.0,
 ) -> str:
     """The report's Markdown; ``out_dir`` is the output folder and ``plots`` maps metric -> image path, both
-    relative to the report; ``sections`` are the study's own Markdown lines, placed after the claims."""
+    relative to the report; ``sections`` are the study's own Markdown lines, placed after the claims;
+    ``companions_run_s`` is the companion studies' summed run time, added to this study's in the time lines."""
     ok_rows = list(results.ok.values())
     seeds = results.seeds()
     out = [f"# {study.title}", ""]
@@ -460,7 +471,7 @@ def render(
             + [_num(r["metrics"][m]) if m in r["metrics"] else _DASH for m in study.metrics] + [r.get("log", "")]
             for r in sorted(ok_rows, key=lambda r: (results.conditions().index(r["condition"]), r["seed"]))]
     out += markdown_table(header, rows)
-    out += ["", "## Hardware and time", ""] + _hardware_lines(ok_rows) + _wall_lines(ok_rows)
+    out += ["", "## Hardware and time", ""] + _hardware_lines(ok_rows) + _wall_lines(ok_rows, companions_run_s)
     # The rows' latest finish, not the clock: the same rows give the same report, byte for byte.
     finished = max((r["finished"] for r in ok_rows if r.get("finished")), default=None)
     stamp = f" (last run finished {dt.datetime.fromisoformat(finished):%Y-%m-%d %H:%M} UTC)" if finished else ""
@@ -471,9 +482,11 @@ def render(
 
 def write_report(
     study: Study, plans: Sequence[RunPlan], paths: StudyPaths, smoke: bool = False, companions: Sequence[str] = (),
-) -> tuple[Path, list[ClaimRow]]:
-    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return its path and its claims.
-    ``companions`` are Markdown lines summarising the companion studies, placed after the headline tables."""
+    companions_run_s: float = 0.0,
+) -> tuple[Path, list[ClaimRow], float]:
+    """Write the report (and its plots) for ``plans`` from ``paths.rows``; return its path, its claims and its
+    finished runs' summed wall time. ``companions`` are Markdown lines summarising the companion studies, placed
+    after the headline tables, and ``companions_run_s`` their summed run time."""
     rows = read_rows(paths.rows)
     if not rows:
         raise StudyError(
@@ -499,15 +512,19 @@ def write_report(
     ctx = ReportContext(study, results, paths, report_dir, smoke)
     sections = study_sections(ctx) if results.ok else []
     claims = claim_verdicts(study, results) + ctx.claims
-    report.write_text(render(study, results, smoke, out_dir, plots, note, sections, companions, claims))
-    return report, claims
+    report.write_text(render(study, results, smoke, out_dir, plots, note, sections, companions, claims,
+                             companions_run_s))
+    return report, claims, run_seconds(list(results.ok.values()))
 
 
-def companions_section(parent_dir: Path, reports: Sequence[tuple[Study, Path, str]]) -> list[str]:
-    """The parent report's table of its companion studies: title, claims verdicts, link to each report."""
+def companions_section(parent_dir: Path, reports: Sequence[tuple[Study, Path, str, float]]) -> list[str]:
+    """The parent report's table of its companion studies: title, claims verdicts, summed run time, link to each
+    report."""
     if not reports:
         return []
-    rows = [[study.title, line, f"[{os.path.relpath(report, parent_dir)}]({os.path.relpath(report, parent_dir)})"]
-            for study, report, line in reports]
+    rows = [[study.title, line, f"{run_s / 60:.1f}",
+             f"[{os.path.relpath(report, parent_dir)}]({os.path.relpath(report, parent_dir)})"]
+            for study, report, line, run_s in reports]
     return ["## Companion studies", "", "Run and reported with this study (`lightning-moe study run` on this folder "
-            "runs them all).", ""] + markdown_table(["study", "claims", "report"], rows) + [""]
+            "runs them all); the whole study's run time is under *Hardware and time*.", ""] + markdown_table(
+        ["study", "claims", "run time (min, summed over runs)", "report"], rows) + [""]
