@@ -246,7 +246,7 @@ class RoutingConsistencyMonitor(RoutingMonitor):
                   ylabel="share of top-1 changed", ylim=(0, 1.02))
         for ax in (left, right):
             ax.title.set_fontsize(9)
-            if len(curve) <= 12:
+            if ax.lines and len(curve) <= 12:  # one check has no fluctuation yet: no legend, no warning
                 ax.legend(fontsize=6)
         self.save_figure(fig, directory, "saturation")
 
