@@ -5,16 +5,9 @@ import math
 import pytest
 import torch
 
-from lightning_moe.metrics import (
-    RoutedMean,
-    ScoreActivationCoupling,
-    paired_alignment,
-    rankdata,
-    router_geometry,
-    spearman,
-    top_right_singular_ED,
-)
-from lightning_moe.metrics.geometry import projection_norms_N, zscore_per_group
+from lightning_moe.metrics import RoutedMean, ScoreActivationCoupling, rankdata, router_geometry, spearman
+from lightning_moe.metrics.geometry import (paired_alignment, projection_norms_N, top_right_singular_ED,
+                                            zscore_per_group)
 from tests.metric_helpers import SUM_OR_CAT, assert_merge_equals_whole, assert_reductions
 
 
