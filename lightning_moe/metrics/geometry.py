@@ -57,8 +57,8 @@ def paired_alignment(a_ED: Tensor, b_ED: Tensor, absolute: bool = False) -> dict
     routed to its expert.
 
     * ``matched``: mean_i cos(a_i, b_i);
-    * ``mismatched``: mean over i ≠ j of cos(a_i, b_j) (NaN with one usable row): the baseline, which is far from
-      zero when the rows share a direction (hidden states do);
+    * ``mismatched``: mean over i ≠ j of cos(a_i, b_j) (NaN with one usable row): the baseline, far from zero
+      when the rows of either side share a direction;
     * ``match_rate``: share of rows i whose best-aligned row of ``b`` is b_i (chance 1 / rows).
 
     Rows where either side is zero (an expert that got no token, a router row that never moved) have no
