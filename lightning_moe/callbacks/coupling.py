@@ -151,15 +151,15 @@ class CouplingMonitor(RoutingMonitor):
         out.update({f"train_maxvio_batch/{layer}": v for layer, v in maxvio.items()})
         if maxvio:
             out["train_maxvio_batch"] = sum(maxvio.values()) / len(maxvio)
-        geometry: dict[str, dict[str, float]] = {}
-        for layer, tap in self.taps.items():
-            rows_ED = tap.router_weight_ED()
-            if rows_ED is not None:
-                geometry[layer] = {k: float(v) for k, v in router_geometry(rows_ED).items()}
-                out.update({f"geometry/{layer}/{k}": v for k, v in geometry[layer].items()})
+        # Read once per validation: under FSDP2 each read gathers the router weight from every rank.
+        rows = {layer: r.detach() for layer, tap in self.taps.items() if (r := tap.router_weight_ED()) is not None}
+        geometry = {layer: {k: float(v) for k, v in router_geometry(rows_ED).items()}
+                    for layer, rows_ED in rows.items()}
+        for layer, values in geometry.items():
+            out.update({f"geometry/{layer}/{k}": v for k, v in values.items()})
         if geometry:
             out["geometry/mean_cosine"] = sum(g["mean_cosine"] for g in geometry.values()) / len(geometry)
-        out.update(self._alignment())
+        out.update(self._alignment(rows))
         coupling: dict[str, Any] = {}
         if f"val/{_POOLED}/pairs" in self.updated:
             result = self.metric("val", _POOLED, "pairs").compute()
@@ -180,12 +180,12 @@ class CouplingMonitor(RoutingMonitor):
         self.latest = {"coupling": coupling, "geometry": geometry}
         return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in out.items()}
 
-    def _alignment(self) -> dict[str, float]:
-        """The accumulated-history and W_up-direction checks per layer, and their means over layers."""
+    def _alignment(self, rows: dict[str, Tensor]) -> dict[str, float]:
+        """The accumulated-history and W_up-direction checks per layer (``rows``: each layer's router rows now),
+        and their means over layers."""
         per_layer: dict[str, dict[str, dict[str, float]]] = {"history": {}, "up_direction": {}}
         for layer in self._has_data("val", "routed_mean"):
-            tap = self.taps[layer]
-            rows_ED, up_EFD = tap.router_weight_ED().detach(), tap.expert_weight_EFD("up")
+            rows_ED, up_EFD = rows[layer], self.taps[layer].expert_weight_EFD("up")
             if layer in self.initial_rows:
                 moved_ED = rows_ED.double() - self.initial_rows[layer].to(rows_ED.device).double()
                 mu_ED = self.metric("val", layer, "routed_mean").compute()
