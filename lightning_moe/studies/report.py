@@ -311,7 +311,7 @@ def _wall_lines(rows: Sequence[Mapping[str, Any]], companions_run_s: float = 0.0
     if companions_run_s:
         whole = total + companions_run_s
         lines.append(f"- with the companion studies: {whole:,.0f} s ({whole / 60:.1f} min summed over runs; "
-                     f"{whole / 120:.1f} min on two cores, two runs at a time)")
+                     f"about {whole / 120:.1f} min on two cores, two runs at a time)")
     return lines
 
 
